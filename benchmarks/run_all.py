@@ -1,0 +1,37 @@
+"""Run every benchmark (quick mode for a small CPU; --full for GPUs), then plot.
+
+    python -m benchmarks.run_all [--full] [--device cuda] [--only NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+from pathlib import Path
+
+import benchmarks
+from benchmarks import plot
+
+
+def bench_modules() -> list[str]:
+    return sorted(i.name for i in pkgutil.iter_modules([str(Path(benchmarks.__file__).parent)])
+                  if i.name.startswith("bench_"))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", nargs="*", default=None, help=f"subset of {bench_modules()}")
+    args = ap.parse_args(argv)
+    for name in bench_modules():
+        if args.only and name not in args.only:
+            continue
+        print(f"\n=== {name} ===")
+        sub = ["--device", args.device] + (["--full"] if args.full else [])
+        importlib.import_module(f"benchmarks.{name}").main(sub)
+    plot.main([])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""rlhf_fast: a custom-kernel, performance-first RLHF engine."""
+from rlhf_fast._backend import describe as backend_info
+from rlhf_fast.ops import masked_mean
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "backend_info", "masked_mean"]

@@ -1,0 +1,8 @@
+"""Fused ops: for each, a pure-torch reference, Triton kernels, a C++ CPU path and one dispatcher.
+
+Callers never branch on device: every public function here picks its backend with
+rlhf_fast._backend.dispatch (or takes ``backend=`` to force one).
+"""
+from rlhf_fast.ops.masked_mean import masked_mean, masked_mean_reference
+
+__all__ = ["masked_mean", "masked_mean_reference"]
