@@ -1,7 +1,9 @@
 """rlhf_fast: a custom-kernel, performance-first RLHF engine."""
 from rlhf_fast._backend import describe as backend_info
 from rlhf_fast.ops import masked_mean
+from rlhf_fast.ops import fused_linear_logprobs, fused_linear_logprobs_reference, logprobs_from_logits  # issue 3
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "backend_info", "masked_mean"]
+__all__ += ["fused_linear_logprobs", "fused_linear_logprobs_reference", "logprobs_from_logits"]  # issue 3

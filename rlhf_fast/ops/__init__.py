@@ -4,5 +4,16 @@ Callers never branch on device: every public function here picks its backend wit
 rlhf_fast._backend.dispatch (or takes ``backend=`` to force one).
 """
 from rlhf_fast.ops.masked_mean import masked_mean, masked_mean_reference
+from rlhf_fast.ops.logprobs import (  # issue 3
+    LogProbs,
+    fused_linear_logprobs,
+    fused_linear_logprobs_reference,
+    logprobs_from_logits,
+    logprobs_from_logits_reference,
+)
 
 __all__ = ["masked_mean", "masked_mean_reference"]
+__all__ += [  # issue 3
+    "LogProbs", "fused_linear_logprobs", "fused_linear_logprobs_reference",
+    "logprobs_from_logits", "logprobs_from_logits_reference",
+]
