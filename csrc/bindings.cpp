@@ -43,4 +43,83 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("mask"), py::arg("sum"), py::arg("count"), py::arg("R"), py::arg("C"),
       py::arg("ld"), py::arg("ld_mask"));
+
+  // ---- rl_scan.cpp (KL penalty, token rewards, GAE, whitening passes); contiguous fp32 / uint8.
+  m.def(
+      "kl_penalty_f32",
+      [](std::uintptr_t logp, std::uintptr_t ref, std::uintptr_t out, int64_t n, int estimator, float clamp) {
+        if (n < 0) throw std::invalid_argument("kl_penalty_f32: negative size");
+        if (estimator < 0 || estimator > 3) throw std::invalid_argument("kl_penalty_f32: estimator id not in 0..3");
+        if (n == 0) return int64_t{0};
+        py::gil_scoped_release release;
+        return rlhf_fast::kl_penalty_f32(as_ptr<const float>(logp, "logp"), as_ptr<const float>(ref, "ref"),
+                                         as_ptr<float>(out, "out"), n, estimator, clamp);
+      },
+      py::arg("logp"), py::arg("ref"), py::arg("out"), py::arg("n"), py::arg("estimator"), py::arg("clamp"));
+  m.def(
+      "kl_penalty_backward_f32",
+      [](std::uintptr_t logp, std::uintptr_t ref, std::uintptr_t grad_out, std::uintptr_t grad_logp,
+         std::uintptr_t grad_ref, int64_t n, int estimator, float clamp) {
+        if (n < 0) throw std::invalid_argument("kl_penalty_backward_f32: negative size");
+        if (estimator < 0 || estimator > 3) throw std::invalid_argument("kl_penalty_backward_f32: bad estimator id");
+        if (n == 0) return;
+        py::gil_scoped_release release;
+        // grad_logp / grad_ref: 0 means "not needed".
+        rlhf_fast::kl_penalty_backward_f32(
+            as_ptr<const float>(logp, "logp"), as_ptr<const float>(ref, "ref"),
+            as_ptr<const float>(grad_out, "grad_out"), reinterpret_cast<float*>(grad_logp),
+            reinterpret_cast<float*>(grad_ref), n, estimator, clamp);
+      },
+      py::arg("logp"), py::arg("ref"), py::arg("grad_out"), py::arg("grad_logp"), py::arg("grad_ref"), py::arg("n"),
+      py::arg("estimator"), py::arg("clamp"));
+  m.def(
+      "token_rewards_f32",
+      [](std::uintptr_t scores, std::uintptr_t kl, std::uintptr_t mask, std::uintptr_t out, int64_t B, int64_t T,
+         float kl_coef) {
+        check_dims(B, T, T, "kl");
+        if (B == 0 || T == 0) return int64_t{0};
+        py::gil_scoped_release release;
+        return rlhf_fast::token_rewards_f32(as_ptr<const float>(scores, "scores"), as_ptr<const float>(kl, "kl"),
+                                            as_ptr<const uint8_t>(mask, "mask"), as_ptr<float>(out, "out"), B, T,
+                                            kl_coef);
+      },
+      py::arg("scores"), py::arg("kl"), py::arg("mask"), py::arg("out"), py::arg("B"), py::arg("T"),
+      py::arg("kl_coef"));
+  m.def(
+      "gae_f32",
+      [](std::uintptr_t rewards, std::uintptr_t values, std::uintptr_t mask, std::uintptr_t bootstrap,
+         std::uintptr_t advantages, std::uintptr_t returns, int64_t B, int64_t T, float gamma, float lam) {
+        check_dims(B, T, T, "rewards");
+        if (B == 0 || T == 0) return int64_t{0};
+        py::gil_scoped_release release;
+        // bootstrap: 0 means terminal (no bootstrap values).
+        return rlhf_fast::gae_f32(as_ptr<const float>(rewards, "rewards"), as_ptr<const float>(values, "values"),
+                                  as_ptr<const uint8_t>(mask, "mask"), reinterpret_cast<const float*>(bootstrap),
+                                  as_ptr<float>(advantages, "advantages"), as_ptr<float>(returns, "returns"), B, T,
+                                  gamma, lam);
+      },
+      py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("bootstrap"), py::arg("advantages"),
+      py::arg("returns"), py::arg("B"), py::arg("T"), py::arg("gamma"), py::arg("lam"));
+  m.def(
+      "masked_row_sqdev_f32",
+      [](std::uintptr_t x, std::uintptr_t mask, float mean, std::uintptr_t sqdev, int64_t R, int64_t C) {
+        check_dims(R, C, C, "x");
+        if (R == 0) return int64_t{0};
+        py::gil_scoped_release release;
+        return rlhf_fast::masked_row_sqdev_f32(as_ptr<const float>(x, "x"), as_ptr<const uint8_t>(mask, "mask"), mean,
+                                               as_ptr<float>(sqdev, "sqdev"), R, C);
+      },
+      py::arg("x"), py::arg("mask"), py::arg("mean"), py::arg("sqdev"), py::arg("R"), py::arg("C"));
+  m.def(
+      "masked_affine_f32",
+      [](std::uintptr_t x, std::uintptr_t mask, std::uintptr_t out, int64_t n, float mean, float scale,
+         float offset) {
+        if (n < 0) throw std::invalid_argument("masked_affine_f32: negative size");
+        if (n == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::masked_affine_f32(as_ptr<const float>(x, "x"), as_ptr<const uint8_t>(mask, "mask"),
+                                     as_ptr<float>(out, "out"), n, mean, scale, offset);
+      },
+      py::arg("x"), py::arg("mask"), py::arg("out"), py::arg("n"), py::arg("mean"), py::arg("scale"),
+      py::arg("offset"));
 }

@@ -11,4 +11,23 @@ namespace rlhf_fast {
 void masked_row_sum_f32(const float* x, const uint8_t* mask, float* sum, float* count, int64_t R,
                         int64_t C, int64_t ld, int64_t ld_mask);
 
+// rl_scan.cpp -- RL element-wise ops and scans. All tensors float32 / uint8 (0/1 mask), contiguous
+// row-major [B, T] (or flat [n]). Functions returning int64_t return how many non-finite inputs
+// they met on positions that matter (valid positions only), so the caller's finite check is free.
+// estimator: 0 = k1, 1 = k2, 2 = k3, 3 = abs (rlhf_fast.ops.kl.KL_ESTIMATORS order).
+int64_t kl_penalty_f32(const float* logp, const float* ref, float* out, int64_t n, int estimator, float clamp);
+// grad_logp / grad_ref may be null (that gradient is not needed).
+void kl_penalty_backward_f32(const float* logp, const float* ref, const float* grad_out, float* grad_logp,
+                             float* grad_ref, int64_t n, int estimator, float clamp);
+int64_t token_rewards_f32(const float* scores, const float* kl, const uint8_t* mask, float* out, int64_t B,
+                          int64_t T, float kl_coef);
+// bootstrap: [B] or null (terminal: next value 0 after the last valid token).
+int64_t gae_f32(const float* rewards, const float* values, const uint8_t* mask, const float* bootstrap,
+                float* advantages, float* returns, int64_t B, int64_t T, float gamma, float lam);
+// sqdev[r] = sum_c mask[r,c] * (x[r,c] - mean)^2, accumulated in double per row.
+int64_t masked_row_sqdev_f32(const float* x, const uint8_t* mask, float mean, float* sqdev, int64_t R, int64_t C);
+// out[i] = mask[i] ? (x[i] - mean) * scale + offset : 0.
+void masked_affine_f32(const float* x, const uint8_t* mask, float* out, int64_t n, float mean, float scale,
+                       float offset);
+
 }  // namespace rlhf_fast
