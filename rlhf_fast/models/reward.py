@@ -1,0 +1,158 @@
+"""Reward adapters: a transformers sequence-classification model or any Python callable, one interface.
+
+Every adapter is called as ``reward(input_ids=..., attention_mask=..., prompts=..., completions=...)``
+and returns fp32 scores [B] on ``input_ids``' device (CPU when no ids are given):
+- ``ModelReward`` scores token ids with an ``AutoModelForSequenceClassification`` (num_labels=1) at the
+  **last attended token** of each row (the EOS token when the response has one), found from the
+  attention mask, not from ``pad_token_id`` (HF's own pooling mistakes a final EOS for padding when
+  pad == eos). With ``tokenizer=`` it re-tokenizes the prompt + completion texts instead (a reward model
+  with its own vocabulary).
+- ``CallableReward`` wraps ``fn(prompts: list[str], completions: list[str]) -> list[float]`` and checks
+  the count and that every score is a finite number.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from rlhf_fast.models.loading import backbone_hidden, get_backbone, position_ids_from_mask
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended position of each row: [B, T] 0/1 -> int64 [B] (0 for an empty row)."""
+    T = attention_mask.shape[-1]
+    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, torch.zeros_like(pos)).amax(-1)
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The classification head of a sequence-classification model (``score``, else ``classifier``)."""
+    for attr in ("score", "classifier"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise ValueError(
+        f"{type(model).__name__} has no linear `score` head: pass an AutoModelForSequenceClassification "
+        f"with num_labels=1 as the reward / value model"
+    )
+
+
+def classifier_backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack under a sequence-classification head (``model.base_model``)."""
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        return base
+    return get_backbone(model)
+
+
+class ModelReward:
+    """Score = ``model.score(last_hidden_state[b, last attended token])[0]`` of a sequence-classification model."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, max_length: int | None = None):
+        head = score_head(model)
+        if head.out_features != 1:
+            raise ValueError(
+                f"reward model must output one score per sequence (num_labels=1), got num_labels={head.out_features}"
+            )
+        self.model = model.eval()
+        self.backbone = classifier_backbone(model)
+        self.head = head
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: [B, T] (left/right padding both fine). Returns fp32 [B]."""
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} and "
+                f"{tuple(attention_mask.shape)}"
+            )
+        dev = self.device
+        ids, mask = input_ids.to(dev), attention_mask.to(dev)
+        hidden = backbone_hidden(self.backbone, ids, mask, position_ids_from_mask(mask))
+        last = last_token_index(mask)
+        pooled = hidden[torch.arange(hidden.shape[0], device=dev), last]
+        return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float().to(input_ids.device)
+
+    def __call__(self, *, input_ids=None, attention_mask=None, prompts=None, completions=None) -> torch.Tensor:
+        if self.tokenizer is not None:
+            if prompts is None or completions is None:
+                raise ValueError("a ModelReward with its own tokenizer needs prompts= and completions= texts")
+            texts = [p + c for p, c in zip(prompts, completions)]
+            enc = self.tokenizer(
+                texts, return_tensors="pt", padding=True, truncation=self.max_length is not None,
+                max_length=self.max_length,
+            )
+            out_dev = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
+            return self.score_ids(enc["input_ids"], enc["attention_mask"]).to(out_dev)
+        if input_ids is None or attention_mask is None:
+            raise ValueError("ModelReward needs input_ids= and attention_mask= (or construct it with tokenizer=)")
+        return self.score_ids(input_ids, attention_mask)
+
+
+class CallableReward:
+    """Wraps ``fn(prompts, completions) -> list[float]``; checks count, type and finiteness."""
+
+    def __init__(self, fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]]):
+        if not callable(fn):
+            raise TypeError(f"reward must be callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def __call__(self, *, input_ids=None, attention_mask=None, prompts=None, completions=None) -> torch.Tensor:
+        if prompts is None or completions is None:
+            raise ValueError("a callable reward needs prompts= and completions= (lists of strings)")
+        if len(prompts) != len(completions):
+            raise ValueError(f"prompts and completions must have the same length, got {len(prompts)} and {len(completions)}")
+        name = getattr(self.fn, "__name__", type(self.fn).__name__)
+        scores = self.fn(list(prompts), list(completions))
+        if isinstance(scores, torch.Tensor):
+            scores = scores.detach().cpu().flatten().tolist()
+        try:
+            scores = list(scores)
+        except TypeError:
+            raise TypeError(
+                f"reward function {name} must return a list of floats, got {type(scores).__name__}"
+            ) from None
+        if len(scores) != len(completions):
+            raise ValueError(
+                f"reward function {name} returned {len(scores)} scores for {len(completions)} completions; "
+                f"it must return one float per completion"
+            )
+        values = []
+        for i, s in enumerate(scores):
+            try:
+                v = float(s)
+            except (TypeError, ValueError):
+                raise TypeError(f"reward function {name} returned a non-number at index {i}: {s!r}") from None
+            if not math.isfinite(v):
+                raise ValueError(
+                    f"reward function {name} returned a non-finite score {v} at index {i}; "
+                    f"return finite floats (clip or replace NaN/inf in the function)"
+                )
+            values.append(v)
+        device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def make_reward(reward, tokenizer=None):
+    """A ``ModelReward`` for an ``nn.Module``, a ``CallableReward`` for any other callable, adapters as is."""
+    if isinstance(reward, (ModelReward, CallableReward)):
+        return reward
+    if isinstance(reward, nn.Module):
+        return ModelReward(reward, tokenizer=tokenizer)
+    if callable(reward):
+        return CallableReward(reward)
+    raise TypeError(
+        f"reward must be an AutoModelForSequenceClassification or a callable (prompts, completions) -> list[float], "
+        f"got {type(reward).__name__}"
+    )
