@@ -146,9 +146,11 @@ def ppo_policy_loss_reference(
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """Eager torch PPO policy loss (the formula as every framework writes it). Inputs [B, T]
     float (any of fp32/bf16/fp16, computed in fp32); mask [B, T] bool or 0/1. Returns (fp32 loss,
-    PolicyLossStats)."""
+    PolicyLossStats). Masked-out entries never reach the loss; for the gradient only logprobs /
+    old_logprobs may hold NaN there (the fused paths accept NaN in every input there)."""
     m = mask.bool()
-    log_ratio = logprobs.float() - old_logprobs.float()
+    # In place (no extra memory): NaN padding in logprobs must not turn the gradient into NaN.
+    log_ratio = (logprobs.float() - old_logprobs.float()).masked_fill_(~m, 0.0)
     ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     adv = advantages.float()
     pg_unclipped = -adv * ratio
@@ -175,7 +177,9 @@ def value_loss_reference(
     values, old_values, returns, mask, clip=0.2, agg="token-mean", num_tokens=None, num_seqs=None,
     norm_length=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager torch clipped value loss. Inputs [B, T] float; returns (fp32 loss, fp32 clipfrac)."""
+    """Eager torch clipped value loss. Inputs [B, T] float; returns (fp32 loss, fp32 clipfrac).
+    Masked-out entries never reach the loss, but must be finite for a finite gradient (the fused
+    paths accept NaN there)."""
     m = mask.bool()
     v, v_old, ret = values.float(), old_values.float(), returns.float()
     v_clipped = v_old + torch.clamp(v - v_old, -clip, clip)
