@@ -44,6 +44,43 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("mask"), py::arg("sum"), py::arg("count"), py::arg("R"), py::arg("C"),
       py::arg("ld"), py::arg("ld_mask"));
 
+  // logprobs.cpp (issue 3): fused LM-head log-prob row passes. Optional pointers are 0.
+  m.def(
+      "logprob_rows_fwd_f32",
+      [](std::uintptr_t logits, std::uintptr_t labels, std::uintptr_t logp, std::uintptr_t entropy,
+         std::uintptr_t lse, int64_t n, int64_t V, int64_t ld, float inv_temperature, int64_t ignore_index) {
+        check_dims(n, V, ld, "logits");
+        if (V < 1) throw std::invalid_argument("logits: V must be >= 1");
+        if (!(inv_temperature > 0.0f)) throw std::invalid_argument("inv_temperature must be > 0");
+        if (n == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::logprob_rows_fwd_f32(as_ptr<const float>(logits, "logits"), as_ptr<const int64_t>(labels, "labels"),
+                                        as_ptr<float>(logp, "logp"), reinterpret_cast<float*>(entropy),
+                                        as_ptr<float>(lse, "lse"), n, V, ld, inv_temperature, ignore_index);
+      },
+      py::arg("logits"), py::arg("labels"), py::arg("logp"), py::arg("entropy"), py::arg("lse"), py::arg("n"),
+      py::arg("V"), py::arg("ld"), py::arg("inv_temperature"), py::arg("ignore_index"));
+  m.def(
+      "logprob_rows_bwd_f32",
+      [](std::uintptr_t logits, std::uintptr_t labels, std::uintptr_t lse, std::uintptr_t entropy,
+         std::uintptr_t grad_logp, std::uintptr_t grad_entropy, int64_t n, int64_t V, int64_t ld,
+         float inv_temperature, int64_t ignore_index) {
+        check_dims(n, V, ld, "logits");
+        if (V < 1) throw std::invalid_argument("logits: V must be >= 1");
+        if (!(inv_temperature > 0.0f)) throw std::invalid_argument("inv_temperature must be > 0");
+        if (grad_entropy != 0 && entropy == 0) throw std::invalid_argument("grad_entropy needs entropy");
+        if (n == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::logprob_rows_bwd_f32(as_ptr<float>(logits, "logits"), as_ptr<const int64_t>(labels, "labels"),
+                                        as_ptr<const float>(lse, "lse"), reinterpret_cast<const float*>(entropy),
+                                        reinterpret_cast<const float*>(grad_logp),
+                                        reinterpret_cast<const float*>(grad_entropy), n, V, ld, inv_temperature,
+                                        ignore_index);
+      },
+      py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"),
+      py::arg("grad_entropy"), py::arg("n"), py::arg("V"), py::arg("ld"), py::arg("inv_temperature"),
+      py::arg("ignore_index"));
+
   // ---- rl_scan.cpp (KL penalty, token rewards, GAE, whitening passes); contiguous fp32 / uint8.
   m.def(
       "kl_penalty_f32",

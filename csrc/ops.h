@@ -30,4 +30,15 @@ int64_t masked_row_sqdev_f32(const float* x, const uint8_t* mask, float mean, fl
 void masked_affine_f32(const float* x, const uint8_t* mask, float* out, int64_t n, float mean, float scale,
                        float offset);
 
+// logprobs.cpp -- row passes of the fused LM-head log-prob op over an fp32 logits chunk [n, V] (row
+// stride ld), z = logits * inv_temperature. Forward writes logp[i] = z[y_i] - lse_i, entropy[i]
+// (skipped when entropy is null) and lse[i]; rows with labels[i] == ignore_index get logp = entropy
+// = 0. Backward overwrites the chunk in place with d(sum_i gl_i logp_i + ge_i H_i)/d logits (the
+// 1/T included); grad_logp / grad_entropy may be null (zero upstream); ignored rows become 0.
+void logprob_rows_fwd_f32(const float* logits, const int64_t* labels, float* logp, float* entropy, float* lse,
+                          int64_t n, int64_t V, int64_t ld, float inv_temperature, int64_t ignore_index);
+void logprob_rows_bwd_f32(float* logits, const int64_t* labels, const float* lse, const float* entropy,
+                          const float* grad_logp, const float* grad_entropy, int64_t n, int64_t V, int64_t ld,
+                          float inv_temperature, int64_t ignore_index);
+
 }  // namespace rlhf_fast
