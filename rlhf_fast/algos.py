@@ -1,0 +1,140 @@
+"""Registries by name: advantage estimators, policy losses, KL estimators.
+
+The trainer looks algorithms up by the names in its config (``get_policy_loss("ppo")``), so a
+new algorithm is one decorated function, with no edit to the trainer:
+
+    @register_advantage_estimator("grpo")
+    def grpo_advantages(scores, group_index, mask, ...): ...
+
+Conventions per registry (what an entry must accept):
+- advantage estimators: their own keyword arguments (GAE needs values, GRPO needs groups); each
+  returns advantages (and returns, when the estimator has them) as fp32 [B, T] tensors. "gae" is
+  rlhf_fast.ops.gae.gae -> GAEOutput(advantages, returns).
+- policy losses: the signature of rlhf_fast.ops.ppo_loss.ppo_policy_loss (logprobs, old_logprobs,
+  advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, norm_length,
+  backend) -> (loss, stats). "ppo" is the vanilla clipped loss; its dual clip is the dual_clip argument.
+- KL estimators: (logprobs, ref_logprobs, clamp=10.0, backend=None) -> per-token fp32 estimate;
+  "k1", "k2", "k3", "abs" are rlhf_fast.ops.kl.kl_penalty with that estimator.
+
+Built-in entries are registered as "module:attribute" paths and imported on first ``get_*``, so
+importing this module never depends on the import order of the ops.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+__all__ = [
+    "Registry",
+    "get_advantage_estimator", "get_kl_estimator", "get_policy_loss",
+    "list_advantage_estimators", "list_kl_estimators", "list_policy_losses",
+    "register_advantage_estimator", "register_kl_estimator", "register_policy_loss",
+]
+
+
+class Registry:
+    """Name -> callable, with lazily imported entries ("package.module:attribute")."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable | str] = {}
+
+    def register(self, name: str, fn: Callable | str | None = None, *, overwrite: bool = False):
+        """Register ``fn`` (a callable or a "module:attribute" path) under ``name``; without ``fn``,
+        return a decorator. A taken name raises ValueError unless ``overwrite=True``."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
+
+        def add(target):
+            if not (callable(target) or (isinstance(target, str) and ":" in target)):
+                raise TypeError(f"{self.kind} {name!r} must be a callable or a 'module:attribute' path, got {target!r}")
+            if name in self._entries and not overwrite:
+                raise ValueError(f"{self.kind} {name!r} is already registered (pass overwrite=True to replace it)")
+            self._entries[name] = target
+            return target
+
+        return add if fn is None else add(fn)
+
+    def get(self, name: str) -> Callable:
+        """The callable registered as ``name``; ValueError listing the valid names otherwise."""
+        if name not in self._entries:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}")
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            module, attr = entry.split(":", 1)
+            entry = getattr(importlib.import_module(module), attr)
+            self._entries[name] = entry
+        return entry
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._entries))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+POLICY_LOSSES = Registry("policy loss")
+KL_ESTIMATORS = Registry("KL estimator")
+
+
+def register_advantage_estimator(name: str, *, overwrite: bool = False):
+    """Decorator: ``@register_advantage_estimator("grpo")``."""
+    return ADVANTAGE_ESTIMATORS.register(name, overwrite=overwrite)
+
+
+def register_policy_loss(name: str, *, overwrite: bool = False):
+    """Decorator: ``@register_policy_loss("gspo")``; the function takes ppo_policy_loss's arguments."""
+    return POLICY_LOSSES.register(name, overwrite=overwrite)
+
+
+def register_kl_estimator(name: str, *, overwrite: bool = False):
+    """Decorator: ``@register_kl_estimator("k3+")``; (logprobs, ref_logprobs, clamp, backend) -> [B, T]."""
+    return KL_ESTIMATORS.register(name, overwrite=overwrite)
+
+
+def get_advantage_estimator(name: str) -> Callable:
+    return ADVANTAGE_ESTIMATORS.get(name)
+
+
+def get_policy_loss(name: str) -> Callable:
+    return POLICY_LOSSES.get(name)
+
+
+def get_kl_estimator(name: str) -> Callable:
+    return KL_ESTIMATORS.get(name)
+
+
+def list_advantage_estimators() -> tuple[str, ...]:
+    return ADVANTAGE_ESTIMATORS.names()
+
+
+def list_policy_losses() -> tuple[str, ...]:
+    return POLICY_LOSSES.names()
+
+
+def list_kl_estimators() -> tuple[str, ...]:
+    return KL_ESTIMATORS.names()
+
+
+# --------------------------------------------------------------------------- built-in entries
+ADVANTAGE_ESTIMATORS.register("gae", "rlhf_fast.ops.gae:gae")
+POLICY_LOSSES.register("ppo", "rlhf_fast.ops.ppo_loss:ppo_policy_loss")
+
+
+def _kl_estimator(estimator: str) -> Callable:
+    """kl_penalty with ``estimator`` fixed (kl.py is imported at the first call)."""
+
+    def kl_estimate(logprobs, ref_logprobs, clamp: float = 10.0, backend: str | None = None):
+        from rlhf_fast.ops.kl import kl_penalty
+
+        return kl_penalty(logprobs, ref_logprobs, estimator=estimator, clamp=clamp, backend=backend)
+
+    kl_estimate.__name__ = kl_estimate.__qualname__ = f"kl_{estimator}"
+    kl_estimate.__doc__ = f"Per-token KL estimate {estimator!r}: rlhf_fast.ops.kl.kl_penalty(estimator={estimator!r})."
+    return kl_estimate
+
+
+for _name in ("k1", "k2", "k3", "abs"):
+    KL_ESTIMATORS.register(_name, _kl_estimator(_name))
+del _name
