@@ -11,9 +11,22 @@ from rlhf_fast.ops.logprobs import (  # issue 3
     logprobs_from_logits,
     logprobs_from_logits_reference,
 )
+from rlhf_fast.ops.ppo_loss import (  # issue 4B
+    AGG_MODES,
+    PolicyLossStats,
+    aggregate_loss,
+    ppo_policy_loss,
+    ppo_policy_loss_reference,
+    value_loss,
+    value_loss_reference,
+)
 
 __all__ = ["masked_mean", "masked_mean_reference"]
 __all__ += [  # issue 3
     "LogProbs", "fused_linear_logprobs", "fused_linear_logprobs_reference",
     "logprobs_from_logits", "logprobs_from_logits_reference",
+]
+__all__ += [  # issue 4B
+    "AGG_MODES", "PolicyLossStats", "aggregate_loss", "ppo_policy_loss", "ppo_policy_loss_reference",
+    "value_loss", "value_loss_reference",
 ]
