@@ -44,6 +44,65 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("mask"), py::arg("sum"), py::arg("count"), py::arg("R"), py::arg("C"),
       py::arg("ld"), py::arg("ld_mask"));
 
+  // ppo_loss.cpp (issue 4B): fused PPO policy / value loss passes over contiguous [R, T].
+  m.def(
+      "ppo_policy_loss_fwd_f32",
+      [](std::uintptr_t logp, std::uintptr_t old, std::uintptr_t adv, std::uintptr_t mask, std::uintptr_t partial,
+         int64_t R, int64_t T, float clip_low, float clip_high, float dual_clip) {
+        check_dims(R, T, T, "logp");
+        if (R == 0 || T == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::ppo_policy_loss_fwd_f32(as_ptr<const float>(logp, "logp"), as_ptr<const float>(old, "old"),
+                                           as_ptr<const float>(adv, "adv"), as_ptr<const uint8_t>(mask, "mask"),
+                                           as_ptr<float>(partial, "partial"), R, T, clip_low, clip_high, dual_clip);
+      },
+      py::arg("logp"), py::arg("old"), py::arg("adv"), py::arg("mask"), py::arg("partial"), py::arg("R"),
+      py::arg("T"), py::arg("clip_low"), py::arg("clip_high"), py::arg("dual_clip"));
+  m.def(
+      "ppo_policy_loss_bwd_f32",
+      [](std::uintptr_t logp, std::uintptr_t old, std::uintptr_t adv, std::uintptr_t mask, std::uintptr_t row_weight,
+         std::uintptr_t grad_loss, std::uintptr_t grad, int64_t R, int64_t T, float clip_low, float clip_high,
+         float dual_clip) {
+        check_dims(R, T, T, "logp");
+        if (R == 0 || T == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::ppo_policy_loss_bwd_f32(as_ptr<const float>(logp, "logp"), as_ptr<const float>(old, "old"),
+                                           as_ptr<const float>(adv, "adv"), as_ptr<const uint8_t>(mask, "mask"),
+                                           as_ptr<const float>(row_weight, "row_weight"),
+                                           as_ptr<const float>(grad_loss, "grad_loss"), as_ptr<float>(grad, "grad"),
+                                           R, T, clip_low, clip_high, dual_clip);
+      },
+      py::arg("logp"), py::arg("old"), py::arg("adv"), py::arg("mask"), py::arg("row_weight"), py::arg("grad_loss"),
+      py::arg("grad"), py::arg("R"), py::arg("T"), py::arg("clip_low"), py::arg("clip_high"), py::arg("dual_clip"));
+  m.def(
+      "value_loss_fwd_f32",
+      [](std::uintptr_t values, std::uintptr_t old_values, std::uintptr_t returns, std::uintptr_t mask,
+         std::uintptr_t partial, int64_t R, int64_t T, float clip) {
+        check_dims(R, T, T, "values");
+        if (R == 0 || T == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::value_loss_fwd_f32(as_ptr<const float>(values, "values"), as_ptr<const float>(old_values, "old_values"),
+                                      as_ptr<const float>(returns, "returns"), as_ptr<const uint8_t>(mask, "mask"),
+                                      as_ptr<float>(partial, "partial"), R, T, clip);
+      },
+      py::arg("values"), py::arg("old_values"), py::arg("returns"), py::arg("mask"), py::arg("partial"),
+      py::arg("R"), py::arg("T"), py::arg("clip"));
+  m.def(
+      "value_loss_bwd_f32",
+      [](std::uintptr_t values, std::uintptr_t old_values, std::uintptr_t returns, std::uintptr_t mask,
+         std::uintptr_t row_weight, std::uintptr_t grad_loss, std::uintptr_t grad, int64_t R, int64_t T, float clip) {
+        check_dims(R, T, T, "values");
+        if (R == 0 || T == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::value_loss_bwd_f32(as_ptr<const float>(values, "values"), as_ptr<const float>(old_values, "old_values"),
+                                      as_ptr<const float>(returns, "returns"), as_ptr<const uint8_t>(mask, "mask"),
+                                      as_ptr<const float>(row_weight, "row_weight"),
+                                      as_ptr<const float>(grad_loss, "grad_loss"), as_ptr<float>(grad, "grad"), R, T,
+                                      clip);
+      },
+      py::arg("values"), py::arg("old_values"), py::arg("returns"), py::arg("mask"), py::arg("row_weight"),
+      py::arg("grad_loss"), py::arg("grad"), py::arg("R"), py::arg("T"), py::arg("clip"));
+
   // logprobs.cpp (issue 3): fused LM-head log-prob row passes. Optional pointers are 0.
   m.def(
       "logprob_rows_fwd_f32",

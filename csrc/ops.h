@@ -11,6 +11,24 @@ namespace rlhf_fast {
 void masked_row_sum_f32(const float* x, const uint8_t* mask, float* sum, float* count, int64_t R,
                         int64_t C, int64_t ld, int64_t ld_mask);
 
+// ppo_loss.cpp -- PPO clipped policy loss and clipped value loss (formulas: rlhf_fast/ops/ppo_loss.py).
+// Inputs float32 / uint8 (0/1 mask), contiguous [R, T]. Forwards write per-row partial sums
+// partial[k * R + r] over valid tokens: policy k = loss, count, clip count, dual-clip count,
+// log_ratio^2, ratio, non-finite count (dual_clip = +inf disables the dual clip); value k = loss,
+// count, clip count, non-finite count. Backwards write grad [R, T] = grad_loss[0] * row_weight[r] *
+// d(per-token loss)/d(input), 0 on masked positions.
+void ppo_policy_loss_fwd_f32(const float* logp, const float* old, const float* adv, const uint8_t* mask,
+                             float* partial, int64_t R, int64_t T, float clip_low, float clip_high,
+                             float dual_clip);
+void ppo_policy_loss_bwd_f32(const float* logp, const float* old, const float* adv, const uint8_t* mask,
+                             const float* row_weight, const float* grad_loss, float* grad, int64_t R,
+                             int64_t T, float clip_low, float clip_high, float dual_clip);
+void value_loss_fwd_f32(const float* values, const float* old_values, const float* returns,
+                        const uint8_t* mask, float* partial, int64_t R, int64_t T, float clip);
+void value_loss_bwd_f32(const float* values, const float* old_values, const float* returns,
+                        const uint8_t* mask, const float* row_weight, const float* grad_loss, float* grad,
+                        int64_t R, int64_t T, float clip);
+
 // rl_scan.cpp -- RL element-wise ops and scans. All tensors float32 / uint8 (0/1 mask), contiguous
 // row-major [B, T] (or flat [n]). Functions returning int64_t return how many non-finite inputs
 // they met on positions that matter (valid positions only), so the caller's finite check is free.
