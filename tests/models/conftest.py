@@ -58,3 +58,18 @@ class Batch:
 @pytest.fixture
 def batch():
     return Batch()
+
+
+WORDS = "the cat sat on a mat good bad yes no".split()
+
+
+def word_tokenizer(with_pad: bool = False):
+    """A whitespace word-level fast tokenizer built in memory (no download); ids < VOCAB."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"pad_token": "<pad>"} if with_pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", **extra)
