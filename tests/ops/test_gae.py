@@ -1,0 +1,183 @@
+"""gae: hand-worked values, every backend against the Python-loop reference, edge cases, bad input."""
+import pytest
+import torch
+
+from rlhf_fast import _backend
+from rlhf_fast.ops.gae import GAEOutput, gae, gae_reference
+from rlhf_fast.testing import AllocationTracker
+from tests.utils import assert_close
+
+needs_ext = pytest.mark.skipif(not _backend.HAS_EXT, reason="extension not built (RLHF_FAST_NO_EXT run)")
+CPU_BACKENDS = ("torch", *(["cpp"] if _backend.HAS_EXT else []))
+GAMMA_LAM = [(0.0, 0.0), (0.95, 0.95), (1.0, 1.0), (0.95, 0.0), (1.0, 0.95), (0.0, 1.0)]
+
+
+def _t(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- hand-worked values
+R3 = _t([1.0, 0.0, 2.0])
+V3 = _t([0.5, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hand_worked_full_row(backend):
+    # γ = λ = 0.5 (γλ = 0.25), terminal after t=2:
+    # t=2: δ = 2 + 0.5·0 - 1 = 1;           A = 1
+    # t=1: δ = 0 + 0.5·1 - 1 = -0.5;        A = -0.5 + 0.25·1 = -0.25
+    # t=0: δ = 1 + 0.5·1 - 0.5 = 1;         A = 1 + 0.25·(-0.25) = 0.9375
+    # returns = A + V = [1.4375, 0.75, 2]
+    out = gae(R3, V3, torch.ones(1, 3), 0.5, 0.5, backend=backend)
+    assert isinstance(out, GAEOutput)
+    torch.testing.assert_close(out.advantages, _t([0.9375, -0.25, 1.0]))
+    torch.testing.assert_close(out.returns, _t([1.4375, 0.75, 2.0]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hand_worked_bootstrap(backend):
+    # Truncated row, V after the end = 4:
+    # t=2: δ = 2 + 0.5·4 - 1 = 3;  A = 3
+    # t=1: δ = -0.5;               A = -0.5 + 0.25·3 = 0.25
+    # t=0: δ = 1;                  A = 1 + 0.25·0.25 = 1.0625;   returns = [1.5625, 1.25, 4]
+    out = gae(R3, V3, torch.ones(1, 3), 0.5, 0.5, bootstrap_values=torch.tensor([4.0]), backend=backend)
+    torch.testing.assert_close(out.advantages, _t([1.0625, 0.25, 3.0]))
+    torch.testing.assert_close(out.returns, _t([1.5625, 1.25, 4.0]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hand_worked_hole_is_skipped(backend):
+    # mask [1, 0, 1]: the hole (garbage 99s) is invisible; t=0 sees t=2 as "next".
+    # t=2: A = 2 - 1 = 1 (next value and advantage carried: 1, 1)
+    # t=1: masked -> A = R = 0
+    # t=0: δ = 1 + 0.5·1 - 0.5 = 1;  A = 1 + 0.25·1 = 1.25;  returns = [1.75, 0, 2]
+    out = gae(_t([1.0, 99.0, 2.0]), _t([0.5, 99.0, 1.0]), torch.tensor([[1, 0, 1]]), 0.5, 0.5, backend=backend)
+    torch.testing.assert_close(out.advantages, _t([1.25, 0.0, 1.0]))
+    torch.testing.assert_close(out.returns, _t([1.75, 0.0, 2.0]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hand_worked_left_padding_and_empty_row(backend):
+    # Row 0, mask [0, 1, 1] (left padding): the same two steps as above -> A = [0, 1.25, 1].
+    # Row 1, mask all 0: everything 0.
+    r = _t([9.0, 1.0, 2.0], [1.0, 2.0, 3.0])
+    v = _t([9.0, 0.5, 1.0], [1.0, 1.0, 1.0])
+    out = gae(r, v, torch.tensor([[0, 1, 1], [0, 0, 0]]), 0.5, 0.5, backend=backend)
+    torch.testing.assert_close(out.advantages, _t([0.0, 1.25, 1.0], [0.0, 0.0, 0.0]))
+    torch.testing.assert_close(out.returns, _t([0.0, 1.75, 2.0], [0.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hand_worked_gamma_lam_extremes(backend):
+    m = torch.ones(1, 3)
+    # γ = λ = 1: A_t = Σ_{k≥t} r_k - V_t = [3 - 0.5, 2 - 1, 2 - 1]
+    torch.testing.assert_close(gae(R3, V3, m, 1.0, 1.0, backend=backend).advantages, _t([2.5, 1.0, 1.0]))
+    # γ = 0: A_t = r_t - V_t = [0.5, -1, 1]
+    torch.testing.assert_close(gae(R3, V3, m, 0.0, 0.95, backend=backend).advantages, _t([0.5, -1.0, 1.0]))
+    # λ = 0: A_t = δ_t = r_t + γ V_{t+1} - V_t with γ = 1: [1 + 1 - 0.5, 0 + 1 - 1, 2 - 1]
+    torch.testing.assert_close(gae(R3, V3, m, 1.0, 0.0, backend=backend).advantages, _t([1.5, 0.0, 1.0]))
+
+
+# --------------------------------------------------------------------------- backends against the reference
+def _masks(B, T, g):
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    pos = torch.arange(T)
+    right = pos[None, :] < lengths[:, None]
+    left = pos[None, :] >= (T - lengths)[:, None]
+    holes = right & (torch.rand(B, T, generator=g) < 0.7)
+    empty = holes.clone()
+    empty[::2] = False
+    return {"right": right, "left": left, "holes": holes, "empty_rows": empty, "all": torch.ones(B, T, dtype=torch.bool)}
+
+
+def _check(backend, B, T, dtype, gamma, lam, with_bootstrap):
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(B, T, generator=g).to(dtype)
+    v = torch.randn(B, T, generator=g).to(dtype)
+    boot = torch.randn(B, generator=g).to(dtype) if with_bootstrap else None
+    for name, mask in _masks(B, T, g).items():
+        ref = gae_reference(r, v, mask, gamma, lam, boot)
+        got = gae(r, v, mask, gamma, lam, bootstrap_values=boot, backend=backend)
+        assert got.advantages.dtype == torch.float32 and got.returns.dtype == torch.float32
+        # Same rounded inputs, fp32 arithmetic in both; the scan reorders nothing, but FMA
+        # contraction may differ: fp32 tolerance scaled by the horizon for γ = λ = 1 sums.
+        atol = 1e-5 * max(1.0, (T ** 0.5) if gamma * lam > 0.9 else 1.0)
+        torch.testing.assert_close(got.advantages, ref.advantages, atol=atol, rtol=1e-5, msg=name)
+        torch.testing.assert_close(got.returns, ref.returns, atol=atol, rtol=1e-5, msg=name)
+        assert (got.advantages[~mask] == 0).all() and (got.returns[~mask] == 0).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gamma,lam", GAMMA_LAM)
+@pytest.mark.parametrize("B,T", [(1, 1), (1, 13), (9, 1), (6, 37), (0, 5), (3, 0)])
+@pytest.mark.parametrize("with_bootstrap", [False, True])
+def test_cpp_matches_reference(B, T, dtype, gamma, lam, with_bootstrap):
+    _check("cpp", B, T, dtype, gamma, lam, with_bootstrap)
+
+
+@needs_ext
+def test_cpp_matches_reference_large():
+    _check("cpp", 130, 600, torch.float32, 0.99, 0.95, True)  # OpenMP path (B·T > 65536)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("gamma,lam", GAMMA_LAM)
+def test_triton_matches_reference(gamma, lam):
+    for B, T, dtype, boot in [(1, 1, torch.float32, False), (6, 37, torch.float32, True),
+                              (40, 9, torch.bfloat16, False), (3, 20, torch.bfloat16, True)]:
+        _check("triton", B, T, dtype, gamma, lam, boot)
+
+
+@pytest.mark.interpret
+def test_triton_hand_worked():
+    out = gae(_t([1.0, 99.0, 2.0]), _t([0.5, 99.0, 1.0]), torch.tensor([[1, 0, 1]]), 0.5, 0.5, backend="triton")
+    torch.testing.assert_close(out.advantages, _t([1.25, 0.0, 1.0]))
+    out = gae(R3, V3, torch.ones(1, 3), 0.5, 0.5, bootstrap_values=torch.tensor([4.0]), backend="triton")
+    torch.testing.assert_close(out.returns, _t([1.5625, 1.25, 4.0]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_masked_garbage_never_leaks(backend):
+    r, v = torch.randn(2, 5), torch.randn(2, 5)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]])
+    clean = gae(r, v, mask, 0.9, 0.9, backend=backend)
+    r[mask == 0] = float("nan")
+    v[mask == 0] = float("inf")
+    dirty = gae(r, v, mask, 0.9, 0.9, backend=backend)
+    assert torch.equal(clean.advantages, dirty.advantages) and torch.equal(clean.returns, dirty.returns)
+
+
+@needs_ext
+def test_cpp_allocates_only_the_outputs():
+    r, v = torch.randn(64, 1024), torch.randn(64, 1024)
+    mask = torch.rand(64, 1024) < 0.8
+    with AllocationTracker() as t:
+        gae(r, v, mask, 0.99, 0.95, backend="cpp")
+    assert t.peak_live_bytes <= 2 * 64 * 1024 * 4 + 4096, t.largest()
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_names_the_argument():
+    r, v, m = torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="gamma must be in \\[0, 1\\], got 1.5"):
+        gae(r, v, m, 1.5, 0.9)
+    with pytest.raises(ValueError, match="lam must be in \\[0, 1\\], got -0.1"):
+        gae(r, v, m, 0.9, -0.1)
+    with pytest.raises(ValueError, match=r"values must have the shape of rewards \(2, 3\), got \(2, 4\)"):
+        gae(r, torch.randn(2, 4), m, 0.9, 0.9)
+    with pytest.raises(ValueError, match="mask must have the shape of rewards"):
+        gae(r, v, torch.ones(3, 3), 0.9, 0.9)
+    with pytest.raises(ValueError, match=r"bootstrap_values must have shape \[B\] = \(2,\), got \(3,\)"):
+        gae(r, v, m, 0.9, 0.9, bootstrap_values=torch.randn(3))
+    with pytest.raises(ValueError, match="rewards must be \\[B, T\\]"):
+        gae(torch.randn(6), torch.randn(6), torch.ones(6), 0.9, 0.9)
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        gae(r, v, torch.full((2, 3), 0.5), 0.9, 0.9)
+    for backend in CPU_BACKENDS:
+        bad = r.clone()
+        bad[1, 2] = float("nan")
+        with pytest.raises(ValueError, match="NaN or inf"):
+            gae(bad, v, m, 0.9, 0.9, backend=backend)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            gae(r, v, m, 0.9, 0.9, bootstrap_values=torch.tensor([0.0, float("inf")]), backend=backend)
