@@ -20,6 +20,15 @@ from rlhf_fast.ops.ppo_loss import (  # issue 4B
     value_loss,
     value_loss_reference,
 )
+from rlhf_fast.ops.kl import (  # issue 4A
+    KL_ESTIMATORS,
+    kl_penalty,
+    kl_penalty_reference,
+    token_rewards,
+    token_rewards_reference,
+)
+from rlhf_fast.ops.gae import GAEOutput, gae, gae_reference  # issue 4A
+from rlhf_fast.ops.whiten import masked_whiten, masked_whiten_reference  # issue 4A
 
 __all__ = ["masked_mean", "masked_mean_reference"]
 __all__ += [  # issue 3
@@ -29,4 +38,8 @@ __all__ += [  # issue 3
 __all__ += [  # issue 4B
     "AGG_MODES", "PolicyLossStats", "aggregate_loss", "ppo_policy_loss", "ppo_policy_loss_reference",
     "value_loss", "value_loss_reference",
+]
+__all__ += [  # issue 4A
+    "KL_ESTIMATORS", "kl_penalty", "kl_penalty_reference", "token_rewards", "token_rewards_reference",
+    "GAEOutput", "gae", "gae_reference", "masked_whiten", "masked_whiten_reference",
 ]
