@@ -1,0 +1,143 @@
+"""torch.distributed plumbing for the trainers: DDP or FSDP2 wrapping and full (unsharded) state.
+
+No home-made engine: DDP is ``torch.nn.parallel.DistributedDataParallel``; FSDP2 is
+``torch.distributed.fsdp.fully_shard`` applied to each decoder layer, then to the root. State
+goes through ``torch.distributed.checkpoint.state_dict`` with full, CPU-offloaded state dicts keyed
+by parameter name, so a checkpoint written under FSDP2 loads under DDP (or in one process) and the
+other way round.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+STRATEGIES = ("ddp", "fsdp2")
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Initialise the default process group when launched by torchrun (RANK/WORLD_SIZE set).
+
+    gloo on CPU, nccl on CUDA. Returns True when a group exists afterwards."""
+    if not torch.distributed.is_available():
+        return False
+    if torch.distributed.is_initialized():
+        return True
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group(backend=backend)
+    return True
+
+
+def strategy_name(trainer) -> str:
+    if trainer.world_size == 1:
+        return "single"
+    return trainer.args.distributed_strategy
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a causal LM (Llama/Qwen2/Mistral ``layers``, GPT-2 ``h``)."""
+    for mod in model.modules():
+        for attr in ("layers", "h"):
+            seq = getattr(mod, attr, None)
+            if isinstance(seq, nn.ModuleList) and len(seq) > 0:
+                return list(seq)
+    raise ValueError(f"could not find the decoder layers of {type(model).__name__} to shard with FSDP2")
+
+
+def wrap_model(model: nn.Module, args, device) -> nn.Module:
+    """DDP- or FSDP2-wrap ``model`` (a PolicyValueModel) for training; returns the module to call."""
+    strategy = getattr(args, "distributed_strategy", "ddp")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"distributed_strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DDP(model, device_ids=ids, find_unused_parameters=False)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model.policy):
+        fully_shard(layer)
+    if getattr(model, "critic_backbone", None) is not None:
+        for layer in decoder_layers(model.critic_backbone):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def is_fsdp(trainer) -> bool:
+    return strategy_name(trainer) == "fsdp2"
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """The unsharded shape of a parameter (a DTensor under FSDP2)."""
+    return p.shape  # DTensor.shape is the global shape
+
+
+def _options(full: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=full, cpu_offload=True)
+
+
+def _trainable_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def full_trainable_state(trainer) -> dict[str, torch.Tensor]:
+    """Every trainable tensor, unsharded, on CPU, keyed by parameter name (collective under FSDP2)."""
+    model = trainer.model
+    names = _trainable_names(model)
+    if is_fsdp(trainer):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        sd = get_model_state_dict(model, options=_options())
+    else:
+        sd = {n: p.detach() for n, p in model.named_parameters()}
+    out, seen = {}, set()
+    for n, t in sd.items():
+        if n not in names:
+            continue
+        key = (t.data_ptr(), t.numel()) if not is_fsdp(trainer) else (n,)
+        if key in seen:  # tied weights: store once
+            continue
+        seen.add(key)
+        out[n] = t.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def load_full_trainable_state(trainer, weights: dict[str, torch.Tensor]) -> None:
+    model = trainer.model
+    if is_fsdp(trainer):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, weights, options=_options_load())
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def _options_load():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, strict=False)
+
+
+def full_optimizer_state(trainer) -> dict:
+    """Optimizer state keyed by parameter name (portable across DDP, FSDP2 and one process)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(trainer.model, trainer.optimizer, options=_options())
+
+
+def load_full_optimizer_state(trainer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(trainer.model, trainer.optimizer, state, options=_options_load())

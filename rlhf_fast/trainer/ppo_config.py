@@ -1,0 +1,185 @@
+"""PPOConfig: the drop-in for TRL 1.12's ``PPOConfig`` (a ``transformers.TrainingArguments``).
+
+Every field a TRL 1.12 PPO script sets keeps its name, default and meaning. rlhf_fast's own knobs
+are extra fields below them. ``TrainingArguments`` fields that this trainer does not use are
+never silently ignored: ``unsupported_settings()`` names every one set to a non-default value and
+the trainer warns (or, for settings that would change results, raises).
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+# TrainingArguments fields the trainer reads (besides the PPO fields declared below).
+HONOURED_TRAINING_ARGUMENTS = {
+    "output_dir", "overwrite_output_dir", "learning_rate", "per_device_train_batch_size",
+    "per_device_eval_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
+    "seed", "data_seed", "logging_steps", "logging_strategy", "logging_first_step", "logging_dir",
+    "save_steps", "save_strategy", "save_total_limit", "save_only_model", "report_to", "bf16", "fp16",
+    "use_cpu", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "max_grad_norm",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "gradient_checkpointing",
+    "gradient_checkpointing_kwargs", "disable_tqdm", "run_name", "eval_strategy", "eval_steps",
+    "dataloader_drop_last", "remove_unused_columns", "local_rank", "ddp_backend", "log_level",
+    "resume_from_checkpoint", "do_train", "do_eval", "do_predict", "push_to_hub", "hub_model_id",
+    "logging_nan_inf_filter", "dataloader_num_workers", "dataloader_pin_memory", "label_names",
+    "include_num_input_tokens_seen", "ddp_timeout", "torch_compile", "activation_checkpointing",
+    "activation_checkpointing_kwargs", "accelerator_config",
+}
+# Set to a non-default value, these would change what the run computes: refuse rather than ignore.
+REJECTED_TRAINING_ARGUMENTS = {"deepspeed", "fsdp", "fsdp_config", "tf32", "torch_compile_backend"}
+SUPPORTED_OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "adamw_hf"}
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """Configuration of rlhf_fast's PPOTrainer; TRL 1.12's PPOConfig fields first, then ours.
+
+    TRL fields (same defaults): num_mini_batches, total_episodes, local_rollout_forward_batch_size,
+    num_sample_generations, response_length, stop_token ("eos" | None), stop_token_id, temperature,
+    missing_eos_penalty, sft_model_path, reward_model_path, num_ppo_epochs, whiten_rewards, kl_coef,
+    kl_estimator, cliprange, vf_coef, cliprange_value, gamma, lam. Overridden TrainingArguments
+    defaults as in TRL: logging_steps=10, gradient_checkpointing=True, bf16=None (-> not fp16).
+    """
+
+    # ---- TrainingArguments defaults TRL overrides
+    logging_steps: float = field(default=10, metadata={"help": "Log every X PPO steps (or a ratio < 1)."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for forwards; None -> not fp16."})
+
+    # ---- TRL 1.12 PPOConfig fields
+    run_name: str | None = field(default=None, metadata={"help": "Name of the run."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset mapping."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Minibatches per rollout batch."})
+    total_episodes: int | None = field(default=None, metadata={"help": "Total prompts to train on."})
+    local_rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "Per-rank batch of the no-grad rollout forwards (generation, scoring)."}
+    )
+    num_sample_generations: int = field(
+        default=10, metadata={"help": "Number of generate_completions() calls during training (0: none)."}
+    )
+    response_length: int = field(default=53, metadata={"help": "Maximum response tokens."})
+    stop_token: Literal["eos"] | None = field(default=None, metadata={"help": "'eos' stops at the EOS token."})
+    stop_token_id: int | None = field(default=None, metadata={"help": "Token id that stops a response."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of responses without EOS."}
+    )
+    sft_model_path: str = field(default="EleutherAI/pythia-160m", metadata={"help": "Path to the SFT model."})
+    reward_model_path: str = field(default="EleutherAI/pythia-160m", metadata={"help": "Path to the reward model."})
+    world_size: int | None = field(default=None, metadata={"help": "Set by the trainer."})
+    num_total_batches: int | None = field(default=None, metadata={"help": "Set by the trainer."})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "Set by the trainer."})
+    local_batch_size: int | None = field(default=None, metadata={"help": "Set by the trainer."})
+    batch_size: int | None = field(default=None, metadata={"help": "Set by the trainer."})
+    local_mini_batch_size: int | None = field(default=None, metadata={"help": "Set by the trainer."})
+    mini_batch_size: int | None = field(default=None, metadata={"help": "Set by the trainer."})
+    exp_name: str = field(default="ppo", metadata={"help": "Name of this experiment."})
+    model_adapter_name: str | None = field(default=None, metadata={"help": "Train-target PEFT adapter name."})
+    ref_adapter_name: str | None = field(default=None, metadata={"help": "Reference PEFT adapter name."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "PPO epochs over each rollout batch."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten token rewards (mean kept)."})
+    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (initial, if adaptive)."})
+    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator: k1 | k2 | k3 | abs."})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip range."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value loss coefficient."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    ds3_gather_for_generation: bool = field(default=True, metadata={"help": "DeepSpeed-only (not used)."})
+
+    # ---- rlhf_fast knobs
+    critic: Literal["auto", "shared", "separate"] = field(
+        default="auto",
+        metadata={"help": "auto: 'separate' when a value_model is passed, else 'shared' (value head on the policy)."},
+    )
+    reference: Literal["auto", "frozen", "lora", "none"] = field(
+        default="auto",
+        metadata={"help": "auto: 'lora' with peft_config, 'none' when kl_coef == 0, else 'frozen'."},
+    )
+    reference_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto", metadata={"help": "Dtype of a frozen reference; auto keeps the passed model's dtype."}
+    )
+    reference_offload: bool = field(default=False, metadata={"help": "Keep the frozen reference on CPU between uses."})
+    logprob_chunk_size: int | None = field(default=None, metadata={"help": "Token chunk of the fused log-prob op."})
+    cliprange_high: float | None = field(default=None, metadata={"help": "Upper ratio clip (default: cliprange)."})
+    dual_clip: float | None = field(default=None, metadata={"help": "Dual-clip constant c > 1 for A < 0."})
+    loss_agg_mode: str = field(
+        default="token-mean",
+        metadata={"help": "token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm"},
+    )
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus coefficient."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over the global batch."})
+    reward_clip: float | None = field(default=None, metadata={"help": "Clip scores to [-c, c]."})
+    reward_norm: bool = field(default=False, metadata={"help": "Normalise scores by running mean/std."})
+    kl_controller: Literal["fixed", "adaptive"] = field(default="fixed", metadata={"help": "KL coefficient control."})
+    kl_target: float = field(default=6.0, metadata={"help": "Adaptive KL target (summed per sequence)."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (episodes)."})
+    advantage_estimator: str = field(default="gae", metadata={"help": "Advantage estimator registered in rlhf_fast.algos."})
+    num_generations: int = field(default=1, metadata={"help": "Samples per prompt (group estimators)."})
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Stop after this many skipped steps with a non-finite reward, loss or grad norm."}
+    )
+    distributed_strategy: Literal["ddp", "fsdp2"] = field(
+        default="ddp", metadata={"help": "Under torchrun: DDP, or FSDP2 (fully_shard per decoder layer, then the root)."}
+    )
+    save_rollouts: bool = field(default=False, metadata={"help": "Also write sampled completions as JSONL."})
+
+    def __post_init__(self):
+        self.bf16 = (not self.fp16) if self.bf16 is None else self.bf16
+        if self.stop_token is not None and self.stop_token != "eos":
+            raise ValueError(f"stop_token must be 'eos' or None, got {self.stop_token!r}")
+        if self.stop_token and self.stop_token_id is not None:
+            raise ValueError("set either stop_token or stop_token_id, not both")
+        if self.response_length <= 0:
+            raise ValueError(f"response_length must be > 0, got {self.response_length}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ValueError(f"missing_eos_penalty must be a positive value, got {self.missing_eos_penalty}")
+        for name in ("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "num_generations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("cliprange", "cliprange_value"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.optim not in SUPPORTED_OPTIMIZERS and str(getattr(self.optim, "value", self.optim)) not in SUPPORTED_OPTIMIZERS:
+            raise ValueError(f"optim={self.optim!r} is not supported; use one of {sorted(SUPPORTED_OPTIMIZERS)}")
+        with warnings.catch_warnings():
+            # TRL's own default (gradient_checkpointing=True) trips transformers 5's rename warning.
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
+            super().__post_init__()
+        for name, value in self.unsupported_settings().items():
+            if name in REJECTED_TRAINING_ARGUMENTS:
+                raise ValueError(
+                    f"PPOConfig.{name}={value!r} is not supported by rlhf_fast (use torchrun with "
+                    "DDP/FSDP2 through rlhf_fast's own fields instead)"
+                )
+            warnings.warn(f"PPOConfig.{name}={value!r} is not used by rlhf_fast's PPOTrainer and has no effect",
+                          stacklevel=2)
+
+    def unsupported_settings(self) -> dict:
+        """TrainingArguments fields set to a non-default value that this trainer does not read."""
+        own = {f.name for f in dataclasses.fields(PPOConfig)} - {f.name for f in dataclasses.fields(TrainingArguments)}
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)
+                    if f.default is not dataclasses.MISSING}
+        out = {}
+        for f in dataclasses.fields(TrainingArguments):
+            if f.name in HONOURED_TRAINING_ARGUMENTS or f.name in own or f.name.startswith("_"):
+                continue
+            if f.name not in defaults or not f.init:
+                continue
+            value = getattr(self, f.name, defaults[f.name])
+            if value != defaults[f.name] and value not in (None, [], {}, ""):
+                out[f.name] = value
+        return out
