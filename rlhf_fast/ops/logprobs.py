@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_fast._backend import dispatch, ext, should_check_values
+from rlhf_fast._backend import TRITON_INTERPRET, dispatch, ext, should_check_values
 from rlhf_fast.ops._checks import check_floating, check_positive
 from rlhf_fast.ops._triton import KernelSpec, tl, triton
 
@@ -117,7 +117,7 @@ def _chunks(N: int, chunk: int):
 def _lp_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr,
     N, V, H, stride_h, stride_w, inv_t, ignore_index,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, IS_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """BLOCK_N rows per program: online log-sum-exp, label gather and entropy over vocab tiles of
@@ -141,8 +141,8 @@ def _lp_fwd_kernel(
             k_ok = ks < H
             hb = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             wb = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_V]
-            if IS_FP32:
-                acc = tl.dot(hb, wb, acc, input_precision="ieee")  # GPUs would default to tf32
+            if DOT_FP32:
+                acc = tl.dot(hb.to(tl.float32), wb.to(tl.float32), acc, input_precision="ieee")  # not tf32
             else:
                 acc = tl.dot(hb, wb, acc)
         if HAS_BIAS:
@@ -154,7 +154,7 @@ def _lp_fwd_kernel(
         e = tl.exp(d)
         if WITH_ENTROPY:
             # re-centre the old sum on m_new: sum e'(z - m_new) = alpha * (a + s * (m - m_new))
-            a = alpha * (a + tl.where(s > 0, s * (m - m_new), 0.0)) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
+            a = alpha * (a + tl.where(s > 0, s * (m - m_new), 0.0)) + tl.sum(tl.where(e == 0, 0.0, e * d), axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         m = m_new
@@ -171,7 +171,7 @@ def _lp_fwd_kernel(
 def _lp_bwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, g_ptr,
     n, V, H, stride_h, stride_w, stride_g, inv_t, ignore_index,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, IS_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """One [BLOCK_N, BLOCK_V] tile of grad_logits for a chunk of n rows: recompute the logits tile,
@@ -190,8 +190,8 @@ def _lp_bwd_kernel(
         k_ok = ks < H
         hb = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wb = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_V]
-        if IS_FP32:
-            acc = tl.dot(hb, wb, acc, input_precision="ieee")  # GPUs would default to tf32
+        if DOT_FP32:
+            acc = tl.dot(hb.to(tl.float32), wb.to(tl.float32), acc, input_precision="ieee")  # not tf32
         else:
             acc = tl.dot(hb, wb, acc)
     if HAS_BIAS:
@@ -206,11 +206,18 @@ def _lp_bwd_kernel(
     if WITH_ENTROPY:  # z - sum p z = log p + H
         ge = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        g -= tl.where(p > 0, p * ge[:, None] * (d + ent[:, None]), 0.0)
+        g -= tl.where(p == 0, 0.0, p * ge[:, None] * (d + ent[:, None]))
     g += tl.where(cols[None, :] == y[:, None], gl[:, None], 0.0)
     g = tl.where((y != ignore_index)[:, None], g * inv_t, 0.0)
     out = g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :]
     tl.store(out, g, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    """fp32 inputs dot in fp32 (ieee). bf16/fp16 use tensor cores on GPU, except bf16 under the
+    interpreter: triton 3.9's interpreter computes bf16 tl.dot wrongly (numpy has no bf16; a
+    16x16 bf16 dot comes out ~1e10 off), so there the tiles are upcast first."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and TRITON_INTERPRET)
 
 
 def _tile_config(N: int, V: int, H: int, is_fp32: bool) -> dict:
@@ -232,7 +239,7 @@ def _fwd_triton(h2, w, bias, y, logp, ent, lse, inv_t, ignore_index):
     _lp_fwd_kernel[grid](
         h2, w, bias if bias is not None else w, y, logp, ent if ent is not None else lse, lse,
         N, V, H, h2.stride(0), w.stride(0), inv_t, ignore_index,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=ent is not None, IS_FP32=h2.dtype == torch.float32,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=ent is not None, DOT_FP32=_dot_in_fp32(h2.dtype),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -248,7 +255,7 @@ def _grad_logits_triton(G, hc, w, bias, yc, lsec, entc, glc, gec, inv_t, ignore_
         hc, w, bias if bias is not None else w, yc, lsec, entc if with_ent else lsec, glc,
         gec if with_ent else glc, G,
         n, V, H, hc.stride(0), w.stride(0), G.stride(0), inv_t, ignore_index,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_ent, IS_FP32=hc.dtype == torch.float32,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_ent, DOT_FP32=_dot_in_fp32(hc.dtype),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -262,7 +269,7 @@ def aot_specs() -> list[KernelSpec]:
     for dtype in ("fp32", "bf16"):
         for V in (32000, 128256, 152064, 256000):
             cfg = _tile_config(N, V, H, dtype == "fp32")
-            const = {"HAS_BIAS": True, "WITH_ENTROPY": True, "IS_FP32": dtype == "fp32",
+            const = {"HAS_BIAS": True, "WITH_ENTROPY": True, "DOT_FP32": dtype == "fp32",
                      "BLOCK_N": cfg["BLOCK_N"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]}
             ints = {"stride_h": "i32", "stride_w": "i32", "inv_t": "fp32", "ignore_index": "i32"}
             flags = {k: "constexpr" for k in const}
@@ -308,7 +315,7 @@ def _rows_fwd_torch(z, yc, logp, ent, lse, inv_t, ignore_index):
     if ent is not None:
         d = zs - row_lse[:, None]  # log p: centred, so H = -sum p log p has no large cancellation
         p = torch.exp(d)
-        ent.copy_(torch.where(valid, -torch.where(p > 0, p * d, 0.0).sum(1), 0.0))  # -inf logit: 0, not 0*inf
+        ent.copy_(torch.where(valid, -torch.where(p == 0, 0.0, p * d).sum(1), 0.0))  # -inf logit: 0, not 0*inf; NaN stays
 
 
 def _rows_bwd_cpp(z, yc, lse, ent, gl, ge, inv_t, ignore_index):
@@ -325,7 +332,7 @@ def _rows_bwd_torch(z, yc, lse, ent, gl, ge, inv_t, ignore_index):
     p = torch.exp(d)
     g = -p * (gl[:, None] if gl is not None else 0.0)
     if ge is not None:  # z - sum p z = log p + H
-        g -= torch.where(p > 0, p * ge[:, None] * (d + ent[:, None]), 0.0)
+        g -= torch.where(p == 0, 0.0, p * ge[:, None] * (d + ent[:, None]))
     if gl is not None:
         g.scatter_add_(1, torch.where(yc != ignore_index, yc, 0)[:, None], gl[:, None])
     g = torch.where((yc != ignore_index)[:, None], g * inv_t, 0.0)
@@ -553,7 +560,7 @@ def fused_linear_logprobs(
     check_floating("hidden", hidden)
     check_floating("weight", weight)
     if hidden.dim() < 1:
-        raise ValueError(f"hidden must be [..., H], got a 0-d tensor")
+        raise ValueError("hidden must be [..., H], got a 0-d tensor")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
     if weight.shape[0] < 1:
