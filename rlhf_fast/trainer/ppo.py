@@ -422,8 +422,13 @@ class PPOTrainer:
         self.model.to(self.device)
         self.reference_mode = reference
         self.critic_mode = critic
-        self.reward = make_reward(self._load_classifier(reward_model) if not callable(reward_model)
-                                  or isinstance(reward_model, nn.Module) else reward_model)
+        if callable(reward_model) and not isinstance(reward_model, nn.Module):
+            from rlhf_fast.models.reward import CallableReward
+
+            self.reward = reward_model if isinstance(reward_model, CallableReward) \
+                else CallableReward(reward_model, allow_nonfinite=True)
+        else:
+            self.reward = make_reward(self._load_classifier(reward_model))
         if isinstance(getattr(self.reward, "model", None), nn.Module):
             self.reward.model.to(self.device)
         if reference == "none" and args.kl_coef != 0:
