@@ -103,10 +103,12 @@ class ModelReward:
 class CallableReward:
     """Wraps ``fn(prompts, completions) -> list[float]``; checks count, type and finiteness."""
 
-    def __init__(self, fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]]):
+    def __init__(self, fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]], allow_nonfinite: bool = False):
         if not callable(fn):
             raise TypeError(f"reward must be callable, got {type(fn).__name__}")
         self.fn = fn
+        # Trainers pass allow_nonfinite=True: they skip the update and count it instead of failing.
+        self.allow_nonfinite = allow_nonfinite
 
     def __call__(self, *, input_ids=None, attention_mask=None, prompts=None, completions=None) -> torch.Tensor:
         if prompts is None or completions is None:
@@ -134,7 +136,7 @@ class CallableReward:
                 v = float(s)
             except (TypeError, ValueError):
                 raise TypeError(f"reward function {name} returned a non-number at index {i}: {s!r}") from None
-            if not math.isfinite(v):
+            if not math.isfinite(v) and not self.allow_nonfinite:
                 raise ValueError(
                     f"reward function {name} returned a non-finite score {v} at index {i}; "
                     f"return finite floats (clip or replace NaN/inf in the function)"
