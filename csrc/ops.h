@@ -13,8 +13,8 @@ void masked_row_sum_f32(const float* x, const uint8_t* mask, float* sum, float* 
 
 // ppo_loss.cpp -- PPO clipped policy loss and clipped value loss (formulas: rlhf_fast/ops/ppo_loss.py).
 // Inputs float32 / uint8 (0/1 mask), contiguous [R, T]. Forwards write per-row partial sums
-// partial[k * R + r] over valid tokens: policy k = loss, count, clip count, dual-clip count,
-// log_ratio^2, ratio, non-finite count (dual_clip = +inf disables the dual clip); value k = loss,
+// partial[k * R + r] over valid tokens: policy k = loss, count, clip count, 0.5 * log_ratio^2,
+// ratio, dual-clip count, non-finite count (dual_clip = +inf disables the dual clip); value k = loss,
 // count, clip count, non-finite count. Backwards write grad [R, T] = grad_loss[0] * row_weight[r] *
 // d(per-token loss)/d(input), 0 on masked positions.
 void ppo_policy_loss_fwd_f32(const float* logp, const float* old, const float* adv, const uint8_t* mask,

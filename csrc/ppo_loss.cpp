@@ -46,14 +46,14 @@ void ppo_policy_loss_fwd_f32(const float* logp, const float* old, const float* a
   for (int64_t r = 0; r < R; ++r) {
     const int64_t o = r * T;
     // Row sums in double: exact counts and no drift on rows of thousands of tokens.
-    double s_loss = 0, s_lr2 = 0, s_ratio = 0;
+    double s_loss = 0, s_half_lr2 = 0, s_ratio = 0;
     int64_t n = 0, n_clip = 0, n_dual = 0, n_bad = 0;
     for (int64_t t = 0; t < T; ++t) {
       if (!mask[o + t]) continue;  // masked-out entries never contribute, even NaN
       const float a = adv[o + t];
       const PolicyToken p = policy_token(logp[o + t], old[o + t], a, clip_low, clip_high, dual_clip);
       s_loss += p.loss;
-      s_lr2 += static_cast<double>(p.log_ratio) * p.log_ratio;
+      s_half_lr2 += 0.5 * static_cast<double>(p.log_ratio) * p.log_ratio;
       s_ratio += p.ratio;
       n += 1;
       n_clip += p.clip_on;
@@ -63,9 +63,9 @@ void ppo_policy_loss_fwd_f32(const float* logp, const float* old, const float* a
     partial[0 * R + r] = static_cast<float>(s_loss);
     partial[1 * R + r] = static_cast<float>(n);
     partial[2 * R + r] = static_cast<float>(n_clip);
-    partial[3 * R + r] = static_cast<float>(n_dual);
-    partial[4 * R + r] = static_cast<float>(s_lr2);
-    partial[5 * R + r] = static_cast<float>(s_ratio);
+    partial[3 * R + r] = static_cast<float>(s_half_lr2);
+    partial[4 * R + r] = static_cast<float>(s_ratio);
+    partial[5 * R + r] = static_cast<float>(n_dual);
     partial[6 * R + r] = static_cast<float>(n_bad);
   }
 }

@@ -22,7 +22,7 @@ importing this module never depends on the import order of the ops.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = [
     "Registry",

@@ -46,6 +46,7 @@ counts non-finite inputs at valid positions, so the CPU finiteness check reads n
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -58,7 +59,8 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 LOG_RATIO_CLAMP = 20.0
 
 # Row layout of the per-row partial sums the fused forward passes write.
-_P_LOSS, _P_COUNT, _P_CLIP, _P_DUAL, _P_LR2, _P_RATIO, _P_BAD = range(7)
+# Rows 2..5 are the numerators of the stats, in PolicyLossStats order, so one slice / count gives all four.
+_P_LOSS, _P_COUNT, _P_CLIP, _P_HALF_LR2, _P_RATIO, _P_DUAL, _P_BAD = range(7)
 _POLICY_ROWS = 7
 _V_LOSS, _V_COUNT, _V_CLIP, _V_BAD = range(4)
 _VALUE_ROWS = 4
@@ -85,13 +87,17 @@ def _at_least_one(x):
     return x.clamp_min(1.0) if isinstance(x, torch.Tensor) else max(float(x), 1.0)
 
 
-def _row_weights(row_count, agg, num_tokens, num_seqs, norm_length, T):
-    """w [B] fp32 such that loss = Σ_b w_b · Σ_t l[b,t]·m[b,t] (the gradient of the aggregation)."""
+def _row_weights(row_count, agg, num_tokens, num_seqs, norm_length, T, total_count=None):
+    """w [B] fp32 such that loss = Σ_b w_b · Σ_t l[b,t]·m[b,t] (the gradient of the aggregation).
+    total_count: row_count.sum() when the caller has it already."""
     dev = row_count.device
     if agg == "token-mean":
         n = _count(num_tokens, dev)
-        denom = _at_least_one(row_count.sum() if n is None else n)
-        return torch.ones_like(row_count) / denom
+        if n is None:
+            n = row_count.sum() if total_count is None else total_count
+        if isinstance(n, torch.Tensor):
+            return n.clamp_min(1.0).reciprocal().expand(row_count.shape).contiguous()
+        return torch.full_like(row_count, 1.0 / _at_least_one(n))
     d = _count(num_seqs, dev)
     seqs = _at_least_one((row_count > 0).sum().float() if d is None else d)
     if agg == "seq-mean-token-mean":
@@ -198,7 +204,7 @@ def _ppo_policy_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, part_ptr, R, T, clip_low, clip_high, dual_clip,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Per-row partial sums part[k, r] for k in (loss, count, clip, dual, log_ratio^2, ratio,
+    """Per-row partial sums part[k, r] for k in (loss, count, clip, 0.5·log_ratio^2, ratio, dual,
     non-finite), BLOCK_R rows per program, fp32. dual_clip = +inf disables the dual clip."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -234,15 +240,15 @@ def _ppo_policy_fwd_kernel(
         s_cnt += tl.sum(on.to(tl.float32), axis=1)
         s_clip += tl.sum((on & clip_on).to(tl.float32), axis=1)
         s_dual += tl.sum((on & dual_on).to(tl.float32), axis=1)
-        s_lr2 += tl.sum(tl.where(on, log_ratio * log_ratio, 0.0), axis=1)
+        s_lr2 += tl.sum(tl.where(on, 0.5 * log_ratio * log_ratio, 0.0), axis=1)
         s_ratio += tl.sum(tl.where(on, ratio, 0.0), axis=1)
         s_bad += tl.sum((on & bad).to(tl.float32), axis=1)
     tl.store(part_ptr + 0 * R + rows, s_loss, mask=row_ok)
     tl.store(part_ptr + 1 * R + rows, s_cnt, mask=row_ok)
     tl.store(part_ptr + 2 * R + rows, s_clip, mask=row_ok)
-    tl.store(part_ptr + 3 * R + rows, s_dual, mask=row_ok)
-    tl.store(part_ptr + 4 * R + rows, s_lr2, mask=row_ok)
-    tl.store(part_ptr + 5 * R + rows, s_ratio, mask=row_ok)
+    tl.store(part_ptr + 3 * R + rows, s_lr2, mask=row_ok)
+    tl.store(part_ptr + 4 * R + rows, s_ratio, mask=row_ok)
+    tl.store(part_ptr + 5 * R + rows, s_dual, mask=row_ok)
     tl.store(part_ptr + 6 * R + rows, s_bad, mask=row_ok)
 
 
@@ -435,10 +441,6 @@ def _value_bwd(backend, v, v_old, ret, m8, weight, gout, grad, clip):
 
 
 # --------------------------------------------------------------------------- autograd
-def _ratio_of_sums(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return num.sum() / den.sum().clamp_min(1.0)
-
-
 class PPOPolicyLossFunction(torch.autograd.Function):
     """Fused PPO policy loss: one forward pass, one backward pass; gradient for logprobs only."""
 
@@ -449,16 +451,11 @@ class PPOPolicyLossFunction(torch.autograd.Function):
         part = torch.zeros(_POLICY_ROWS, R, dtype=torch.float32, device=logprobs.device)
         if logprobs.numel() > 0:
             _policy_fwd(backend, logprobs, old_logprobs, advantages, mask8, part, clips)
-        weight = _row_weights(part[_P_COUNT], agg, num_tokens, num_seqs, norm_length, T)
+        totals = part.sum(1)
+        weight = _row_weights(part[_P_COUNT], agg, num_tokens, num_seqs, norm_length, T, totals[_P_COUNT])
         loss = (part[_P_LOSS] * weight).sum()
-        count = part[_P_COUNT]
-        stats = (
-            _ratio_of_sums(part[_P_CLIP], count),
-            0.5 * _ratio_of_sums(part[_P_LR2], count),
-            _ratio_of_sums(part[_P_RATIO], count),
-            _ratio_of_sums(part[_P_DUAL], count),
-            part[_P_BAD].sum(),
-        )
+        # clipfrac, approx_kl, ratio_mean, dual_clipfrac: one division over the stat rows
+        stats = (*(totals[_P_CLIP:_P_DUAL + 1] / totals[_P_COUNT].clamp_min(1.0)).unbind(0), totals[_P_BAD])
         # Inputs are held by the caller anyway: saving them costs no memory; the per-token
         # coefficient is recomputed in backward rather than stored.
         ctx.save_for_backward(logprobs, old_logprobs, advantages, mask8, weight)
@@ -487,10 +484,11 @@ class ValueLossFunction(torch.autograd.Function):
         part = torch.zeros(_VALUE_ROWS, R, dtype=torch.float32, device=values.device)
         if values.numel() > 0:
             _value_fwd(backend, values, old_values, returns, mask8, part, clip)
-        weight = _row_weights(part[_V_COUNT], agg, num_tokens, num_seqs, norm_length, T)
+        totals = part.sum(1)
+        weight = _row_weights(part[_V_COUNT], agg, num_tokens, num_seqs, norm_length, T, totals[_V_COUNT])
         loss = (part[_V_LOSS] * weight).sum()
-        clipfrac = _ratio_of_sums(part[_V_CLIP], part[_V_COUNT])
-        bad = part[_V_BAD].sum()
+        clipfrac = totals[_V_CLIP] / totals[_V_COUNT].clamp_min(1.0)
+        bad = totals[_V_BAD]
         ctx.save_for_backward(values, old_values, returns, mask8, weight)
         ctx.clip, ctx.backend = clip, backend
         ctx.mark_non_differentiable(clipfrac, bad)
@@ -516,7 +514,7 @@ def _check_count(name, value):
         if should_check_values(value) and not bool(value.float().reshape(()) >= 0):
             raise ValueError(f"{name} must be >= 0, got {value.item()!r}")
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be None, a number or a 1-element tensor, got {type(value).__name__}")
     if not value >= 0 or math.isinf(value):
         raise ValueError(f"{name} must be a finite count >= 0, got {value!r}")
