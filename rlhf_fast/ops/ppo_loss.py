@@ -122,6 +122,10 @@ def aggregate_loss(
     tensor (global counts). norm_length: Dr.GRPO's constant length, default T. Returns fp32.
     Masked-out entries never contribute, even when they hold NaN.
     """
+    check_floating("loss_mat", loss_mat)
+    if loss_mat.dim() != 2:
+        raise ValueError(f"loss_mat must be 2-D [B, T], got shape {tuple(loss_mat.shape)}")
+    check_same_shape("loss_mat", loss_mat, mask=mask)
     _check_agg(agg, num_tokens, num_seqs, norm_length)
     m = mask.bool()
     zero = torch.zeros((), dtype=torch.float32, device=loss_mat.device)

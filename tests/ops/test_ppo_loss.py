@@ -380,6 +380,10 @@ def test_bad_input_names_the_argument():
         value_loss(x, x, torch.zeros(3, 2), m)
     with pytest.raises(ValueError, match="agg must be one of"):
         value_loss(x, x, x, m, agg="sum")
+    with pytest.raises(ValueError, match="mask must have the shape of loss_mat"):
+        aggregate_loss(x, torch.ones(3, 2))
+    with pytest.raises(ValueError, match="agg must be one of"):
+        aggregate_loss(x, m, agg="seq-mean")
 
 
 @pytest.mark.parametrize("backend", ALL_CPU)
