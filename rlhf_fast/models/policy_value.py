@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from rlhf_fast._backend import should_check_values
 from rlhf_fast.models.loading import (
     backbone_hidden,
     ensure_pad_token,
@@ -120,11 +121,17 @@ def _check_batch(input_ids, attention_mask, response_start, response_mask) -> No
             raise TypeError(f"response_start must be an int, got {type(response_start).__name__}")
         if not 1 <= response_start < T:
             raise ValueError(f"response_start must be in [1, {T - 1}] for input_ids with T={T}, got {response_start}")
+        if should_check_values(attention_mask) and not bool(attention_mask[:, response_start - 1].bool().all()):
+            rows = (~attention_mask[:, response_start - 1].bool()).nonzero().flatten().tolist()
+            raise ValueError(
+                f"attention_mask[:, response_start - 1] must be 1 (prompts left-padded, the last prompt column a "
+                f"real token), but rows {rows[:8]} have padding there: left-pad the prompts or pass response_mask="
+            )
     else:
         if not isinstance(response_mask, torch.Tensor) or response_mask.shape != input_ids.shape:
             got = tuple(response_mask.shape) if isinstance(response_mask, torch.Tensor) else type(response_mask).__name__
             raise ValueError(f"response_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
-        if response_mask.device.type == "cpu" and bool(response_mask[:, 0].bool().any()):
+        if should_check_values(response_mask) and bool(response_mask[:, 0].bool().any()):
             raise ValueError("response_mask[:, 0] must be 0: the first token has no hidden state before it to predict it")
 
 
@@ -153,7 +160,9 @@ class PolicyValueModel(nn.Module):
     """One trainable causal-LM backbone giving response log-probs, entropy and values in one forward.
 
     Args:
-        model: a transformers causal LM (in memory) or a local directory / model name to load.
+        model: a transformers causal LM (in memory) or a local directory / model name to load. An
+            in-memory model becomes the policy itself (not copied): LoRA injection, dtype cast and
+            dropout removal happen on it.
         reference: "lora" | "frozen" | "none" (see module docstring).
         critic: "shared" | "separate". critic_model: optional AutoModelForSequenceClassification
             (num_labels=1) whose backbone becomes the separate critic and whose ``score`` initialises
@@ -290,7 +299,7 @@ class PolicyValueModel(nn.Module):
         return critic
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "PolicyValueModel":
+    def from_pretrained(cls, path, **kwargs) -> PolicyValueModel:
         """Load the policy from a local directory (``save_pretrained`` output) and, when present, its value head."""
         pv = cls(os.fspath(path), **kwargs)
         vh = Path(path) / VALUE_HEAD_FILE

@@ -13,7 +13,7 @@ and returns fp32 scores [B] on ``input_ids``' device (CPU when no ids are given)
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -49,7 +49,10 @@ def classifier_backbone(model: nn.Module) -> nn.Module:
 
 
 class ModelReward:
-    """Score = ``model.score(last_hidden_state[b, last attended token])[0]`` of a sequence-classification model."""
+    """Score = ``model.score(last_hidden_state[b, last attended token])[0]`` of a sequence-classification model.
+
+    The model is put in eval mode and frozen (requires_grad off) in place.
+    """
 
     def __init__(self, model: nn.Module, tokenizer=None, max_length: int | None = None):
         head = score_head(model)

@@ -165,5 +165,9 @@ def test_bad_batch_arguments(batch):
         pv(batch.input_ids, batch.attention_mask[:, 1:], response_start=2)
     with pytest.raises(TypeError, match="integer"):
         pv(batch.input_ids.float(), batch.attention_mask, response_start=2)
+    right_padded_prompts = batch.attention_mask.clone()
+    right_padded_prompts[2, batch.P - 1] = 0
+    with pytest.raises(ValueError, match=r"rows \[2\] have padding"):
+        pv(batch.input_ids, right_padded_prompts, response_start=batch.P)
     with pytest.raises(ValueError, match="reference='none'"):
         pv.reference_logprobs(batch.input_ids, batch.attention_mask, response_start=batch.P)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rlhf_fast.models import FrozenReference, PolicyValueModel
-from tests.models.test_policy_value import ATOL, hf_response_logprobs
 from tests.models.conftest import tiny_causal_lm
+from tests.models.test_policy_value import ATOL, hf_response_logprobs
 
 
 def _ppo_like_step(pv, batch, lr=5e-2):

@@ -6,7 +6,13 @@ import math
 import pytest
 import torch
 
-from rlhf_fast.models import CallableReward, ModelReward, last_token_index, make_reward, position_ids_from_mask
+from rlhf_fast.models import (
+    CallableReward,
+    ModelReward,
+    last_token_index,
+    make_reward,
+    position_ids_from_mask,
+)
 from tests.models.conftest import tiny_seq_cls, word_tokenizer
 
 
