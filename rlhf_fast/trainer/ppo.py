@@ -517,9 +517,6 @@ class PPOTrainer:
                              f"gradient_accumulation_steps) must be a multiple of num_mini_batches ({a.num_mini_batches})")
         a.mini_batch_size = a.batch_size // a.num_mini_batches
         a.local_mini_batch_size = a.local_batch_size // a.num_mini_batches
-        if a.local_mini_batch_size % a.per_device_train_batch_size:
-            raise ValueError(f"local mini-batch ({a.local_mini_batch_size}) must be a multiple of "
-                             f"per_device_train_batch_size ({a.per_device_train_batch_size})")
         if a.total_episodes is None:
             a.total_episodes = int(a.num_train_epochs * len(self.prompts))
         a.num_total_batches = math.ceil(a.total_episodes / a.batch_size)
@@ -592,6 +589,7 @@ class PPOTrainer:
                    disable=a.disable_tqdm or not self.is_main, dynamic_ncols=True)
         try:
             while self.state.global_step < a.num_total_batches:
+                self.control = self.callback_handler.on_step_begin(a, self.state, self.control)
                 metrics = self.step()
                 bar.update(1)
                 if metrics is not None:
