@@ -33,40 +33,49 @@ class FrozenReference:
         self.dtype = dtype
         self.auto_offload = bool(offload)
         self.device = next(self.model.parameters()).device
-        self._host: dict[str, torch.Tensor] | None = None
+        self._host: dict[str, torch.Tensor] | None = None  # host copy of every parameter, made once
+        self._offloaded = False
         if self.auto_offload:
             self.offload()
 
     @property
     def is_offloaded(self) -> bool:
-        return self._host is not None
+        return self._offloaded
 
     def resident_bytes(self) -> int:
         """Parameter bytes currently held on the compute device (0 while offloaded)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def offload(self) -> None:
-        """Move parameter storage to host memory; the compute-device copies are released."""
-        if self._host is not None:
+        """Release the compute-device parameters; they live in host memory until ``onload``.
+
+        The weights never change, so the host copy is made once (pinned when CUDA is available) and
+        every later offload only drops the device storage: no device-to-host traffic per rollout.
+        """
+        if self._offloaded:
             return
-        pin = torch.cuda.is_available()
-        host = {}
-        for name, p in self.model.named_parameters():  # tied weights appear once
-            if p.device.type == "cpu":
-                host[name] = p.data  # already in host memory: keep the storage itself, no copy
-            else:
-                h = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
-                h.copy_(p.data, non_blocking=False)
-                host[name] = h
+        if self._host is None:
+            pin = torch.cuda.is_available()
+            host = {}
+            for name, p in self.model.named_parameters():  # tied weights appear once
+                if p.device.type == "cpu":
+                    host[name] = p.data  # already in host memory: keep the storage itself, no copy
+                else:
+                    h = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
+                    h.copy_(p.data)
+                    host[name] = h
+            self._host = host
+        for p in self.model.parameters():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        self._host = host
+        self._offloaded = True
 
     def onload(self, device: torch.device | str | None = None) -> None:
         """Bring the parameters back to ``device`` (default: where they were)."""
         device = torch.device(device) if device is not None else self.device
-        if self._host is None:
+        if not self._offloaded:
             if next(self.model.parameters()).device != device:
                 self.model.to(device)
+                self._host = None  # the host copy no longer mirrors where the weights live
                 self.device = device
             return
         params = dict(self.model.named_parameters())
@@ -74,7 +83,7 @@ class FrozenReference:
             params[name].data = h if device.type == "cpu" else h.to(device, non_blocking=True)
         self.model.to(device)  # buffers (e.g. rotary tables) follow
         self.device = device
-        self._host = None
+        self._offloaded = False
 
     def __repr__(self) -> str:
         return (f"FrozenReference({type(self.model).__name__}, dtype={self.dtype}, "
