@@ -1,0 +1,183 @@
+"""The ``rlhf-fast`` console script: ``rlhf-fast <command> [--config FILE.yaml] [key=value ...]``.
+
+Commands live in a registry, so other modules add theirs without touching the parser code:
+
+    from rlhf_fast.cli import register_stage_command
+    register_stage_command("ppo", config_cls="rlhf_fast.trainer.ppo_config:PPOConfig", section="ppo",
+                           run="rlhf_fast.trainer.ppo:run_ppo_stage", help="PPO against a reward model")
+
+A *stage command* reads the YAML ``section`` of ``--config``, applies ``key=value`` overrides
+checked against the config dataclass (``rlhf_fast.config.load_stage_config``) and calls
+``run(config)``. Classes and functions may be given as ``"module:attr"`` strings, imported only when
+that command runs, so ``rlhf-fast --help`` stays fast. Any other command registers with
+``register_command(name, help, configure, run)``: ``configure(parser)`` adds its arguments and
+``run(args)`` does the work. ``run`` returns an exit code (None = 0).
+
+Configuration errors (unknown key, bad value, missing file, unfinished input stage, malformed
+dataset) print one line ``rlhf-fast <command>: error: ...`` and exit with status 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import sys
+from typing import Any, Callable, NamedTuple, Sequence
+
+__all__ = ["register_command", "register_stage_command", "build_parser", "main", "COMMANDS"]
+
+
+class Command(NamedTuple):
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Any]
+    add_help: bool = True  # False when configure() adds its own -h/--help
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def _resolve(obj):
+    """``"package.module:attr"`` -> the object; anything else as is."""
+    if isinstance(obj, str):
+        module, _, attr = obj.partition(":")
+        if not attr:
+            raise ValueError(f"expected 'module:attribute', got {obj!r}")
+        return getattr(importlib.import_module(module), attr)
+    return obj
+
+
+def register_command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None],
+                     run: Callable[[argparse.Namespace], Any] | str, replace: bool = False,
+                     add_help: bool = True) -> None:
+    """Add a subcommand. ``configure(parser)`` adds arguments; ``run(args) -> exit code | None``
+    (or ``"module:fn"``)."""
+    if name in COMMANDS and not replace:
+        raise ValueError(f"command {name!r} is already registered (pass replace=True to override it)")
+    COMMANDS[name] = Command(name, help, configure, lambda args: _resolve(run)(args), add_help)
+
+
+class _ConfigHelpAction(argparse.Action):
+    """``--help`` that also lists the config keys (imports the config class only when asked)."""
+
+    def __init__(self, option_strings, dest, config_cls=None, section=None, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.config_cls = config_cls
+        self.section = section
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from rlhf_fast.config import describe_fields
+
+        parser.print_help()
+        cls = _resolve(self.config_cls)
+        print(f"\nconfig keys (YAML section '{self.section}:' of --config, or key=value on the command line):")
+        print(describe_fields(cls))
+        parser.exit()
+
+
+def register_stage_command(name: str, config_cls, section: str, run, help: str, replace: bool = False) -> None:
+    """Add a stage subcommand: ``--config`` YAML section + ``key=value`` overrides -> ``run(config)``.
+
+    config_cls: a dataclass or ``"module:Class"``; run: ``fn(config) -> exit code | None`` or ``"module:fn"``.
+    """
+
+    def configure(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-h", "--help", action=_ConfigHelpAction, config_cls=config_cls, section=section,
+                            help="show this help and the config keys, then exit")
+        parser.add_argument("--config", metavar="FILE.yaml",
+                            help=f"YAML file; its '{section}:' section sets this stage's config")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved config as YAML and exit without running")
+        parser.add_argument("overrides", nargs="*", metavar="key=value",
+                            help="override a config key (repeatable), e.g. learning_rate=1e-4 max_steps=100")
+
+    def run_stage(args: argparse.Namespace):
+        import yaml
+
+        from rlhf_fast.config import config_to_dict, load_stage_config
+
+        cls = _resolve(config_cls)
+        cfg = load_stage_config(cls, args.config, section if args.config else None, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump({section: config_to_dict(cfg)}, sort_keys=False), end="")
+            return 0
+        return _resolve(run)(cfg)
+
+    register_command(name, help, configure, run_stage, replace=replace, add_help=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-fast",
+        description="rlhf_fast: SFT, reward-model and RL stages with fused kernels. "
+                    "Run `rlhf-fast <command> --help` for a command's options and config keys.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, add_help=cmd.add_help)
+        cmd.configure(p)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from rlhf_fast.config import ConfigError
+    from rlhf_fast.data import DatasetFormatError
+    from rlhf_fast.stage_io import StageNotFinishedError
+
+    return ConfigError, DatasetFormatError, StageNotFinishedError, FileNotFoundError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        parser.error(f"unknown command {argv[0]!r}.{hint} Commands: {', '.join(COMMANDS)}")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        code = COMMANDS[args.command].run(args)
+    except _user_errors() as e:
+        print(f"rlhf-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+# --------------------------------------------------------------------------- built-in stages
+def _print_summary(stage: str, result) -> int:
+    import json
+
+    print(f"{stage}: finished stage directory {result.output_dir}")
+    print(json.dumps(result.metrics, indent=2, default=str))
+    return 0
+
+
+def run_sft_stage(cfg) -> int:
+    from rlhf_fast.sft import train_sft
+
+    return _print_summary("sft", train_sft(cfg))
+
+
+def run_rm_stage(cfg) -> int:
+    from rlhf_fast.reward import train_reward_model
+
+    return _print_summary("rm", train_reward_model(cfg))
+
+
+register_stage_command(
+    "sft", "rlhf_fast.sft:SFTConfig", "sft", run_sft_stage,
+    help="supervised fine-tuning on (prompt, response) pairs (loss on response tokens only)",
+)
+register_stage_command(
+    "rm", "rlhf_fast.reward:RewardConfig", "rm", run_rm_stage,
+    help="reward-model training on (prompt, chosen, rejected) pairs (Bradley-Terry loss)",
+)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Reward-model training: Bradley–Terry loss on (prompt, chosen, rejected) pairs.
+
+loss = mean over pairs of −log σ(r_chosen − r_rejected − margin)   (margin = 0 unless the row has one)
+[+ center_rewards_coefficient · mean((r_chosen + r_rejected)²), optional, as in TRL]
+
+The reward model is a ``transformers`` ``AutoModelForSequenceClassification`` with ``num_labels=1``,
+usually initialised from the SFT stage's directory (backbone weights carried over, a new ``score``
+head). A sequence's score is read at its **last attended token** (from the attention mask, so left
+and right padding give the same score, and a final EOS equal to the pad token still counts) — the
+same pooling ``rlhf_fast.models.reward.ModelReward`` uses when PPO scores rollouts.
+``config.pad_token_id`` is set, so the model's own ``forward`` pools correctly too when pad != eos.
+
+Training reuses the SFT stage's loop (AdamW, warmup + decay, clipping, accumulation, length-grouped
+batches, tqdm, metrics.jsonl); chosen and rejected of a micro-batch run in one forward. Held-out
+accuracy = share of pairs with r_chosen > r_rejected (ties count as wrong).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhf_fast.config import config_to_dict
+from rlhf_fast.data import (
+    PreferenceExample,
+    Rows,
+    length_grouped_batches,
+    load_preference_rows,
+    pad_sequences,
+    split_rows,
+    tokenize_preference_rows,
+)
+from rlhf_fast.models.loading import backbone_hidden, ensure_pad_token, position_ids_from_mask
+from rlhf_fast.models.reward import classifier_backbone, last_token_index, score_head
+from rlhf_fast.sft import (
+    DEMO,
+    MetricsWriter,
+    autocast_context,
+    check_training_fields,
+    resolve_device,
+    run_training_loop,
+)
+from rlhf_fast.stage_io import StageDirectory, StageNotFinishedError, require_finished_stage
+
+__all__ = [
+    "RewardConfig", "RewardResult", "bradley_terry_loss", "sequence_scores", "evaluate_reward_model",
+    "load_reward_model", "train_reward_model",
+]
+
+
+@dataclass
+class RewardConfig:
+    """Settings of ``rlhf-fast rm`` (YAML section ``rm:``)."""
+
+    model_name_or_path: str = field(default="runs/sft", metadata={"help": "Finished SFT stage directory (or a hub name)."})
+    allow_unmarked_model_dir: bool = field(default=False, metadata={"help": "Accept a local HF model dir without the COMPLETE marker."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
+    dataset: str = field(default=DEMO, metadata={"help": "Preference file (.jsonl/.json/.parquet) or 'demo' (corpus pairs judged by the gold judge)."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out file; None: split eval_fraction off."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Held-out share when eval_dataset is None."})
+    output_dir: str = field(default="runs/rm", metadata={"help": "Finished stage directory to write."})
+    max_length: int = field(default=256, metadata={"help": "Max prompt+response tokens per side."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Prompt tokens kept when truncating."})
+    use_chat_template: bool = field(default=True, metadata={"help": "Format string prompts with the chat template when there is one."})
+    use_margin: bool = field(default=True, metadata={"help": "Subtract the row's 'margin' column inside the sigmoid."})
+    center_rewards_coefficient: float | None = field(default=None, metadata={"help": "Weight of mean((r_c + r_r)^2) (TRL); None: off."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per micro-batch."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Pairs per eval batch."})
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    seed: int = 42
+    device: str = "auto"
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    logprob_chunk_size: int | None = None  # unused by the RM; kept so the shared checks see the same fields
+    max_nonfinite_steps: int = 3
+    disable_tqdm: bool = False
+    demo_num_pairs: int = field(default=2000, metadata={"help": "'demo' dataset: pairs to build from the corpus."})
+    demo_noisy_labels: bool = field(default=True, metadata={"help": "'demo' dataset: sample labels from the gold judge's sigmoid."})
+
+    def __post_init__(self):
+        check_training_fields(self)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.demo_num_pairs < 2:
+            raise ValueError(f"demo_num_pairs must be >= 2, got {self.demo_num_pairs}")
+
+
+class RewardResult(NamedTuple):
+    output_dir: Path
+    model: nn.Module
+    tokenizer: Any
+    metrics: dict
+
+
+# --------------------------------------------------------------------------- math
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       reduction: Literal["mean", "sum", "none"] = "mean") -> torch.Tensor:
+    """−log σ(chosen − rejected − margin), per pair [P] reduced by ``reduction``; fp32.
+
+    chosen, rejected: [P] scores; margin: [P] or None (0). Computed with logsigmoid (stable for large gaps).
+    """
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"chosen and rejected must have the same shape, got {tuple(chosen.shape)} and {tuple(rejected.shape)}")
+    diff = chosen.float() - rejected.float()
+    if margin is not None:
+        if margin.shape != chosen.shape:
+            raise ValueError(f"margin must have the shape of chosen {tuple(chosen.shape)}, got {tuple(margin.shape)}")
+        diff = diff - margin.float()
+    loss = -F.logsigmoid(diff)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Differentiable fp32 scores [B] of a sequence-classification model at each row's last attended token.
+
+    input_ids, attention_mask: [B, T], left or right padded (positions count attended tokens only).
+    """
+    backbone, head = classifier_backbone(model), score_head(model)
+    hidden = backbone_hidden(backbone, input_ids, attention_mask, position_ids_from_mask(attention_mask))
+    last = last_token_index(attention_mask)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return head(pooled.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def _pair_batch(examples: list[PreferenceExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[chosen..., rejected...] right-padded to one length: ids, mask [2P, T] and margins [P]."""
+    seqs = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+    ids, mask = pad_sequences(seqs, pad_id, "right")
+    margins = torch.tensor([e.margin for e in examples], dtype=torch.float32)
+    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), margins.to(device)
+
+
+@torch.no_grad()
+def evaluate_reward_model(model: nn.Module, examples: list[PreferenceExample], pad_id: int, batch_size: int = 32,
+                          use_margin: bool = True, bf16: bool = False) -> dict:
+    """Held-out {"accuracy", "loss", "margin_mean" (mean r_c − r_r), "pairs"} over ``examples``."""
+    if not examples:
+        return {"accuracy": float("nan"), "loss": float("nan"), "margin_mean": float("nan"), "pairs": 0}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = [max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
+    correct = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
+    gap_sum = torch.zeros((), device=device)
+    for indices in length_grouped_batches(lengths, batch_size, shuffle=False):
+        ids, mask, margins = _pair_batch([examples[i] for i in indices], pad_id, device)
+        with autocast_context(device, bf16):
+            scores = sequence_scores(model, ids, mask)
+        rc, rr = scores[: len(indices)], scores[len(indices):]
+        correct += (rc > rr).sum()
+        loss_sum += bradley_terry_loss(rc, rr, margins if use_margin else None, reduction="sum")
+        gap_sum += (rc - rr).sum()
+    model.train(was_training)
+    n = len(examples)
+    return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n, "margin_mean": gap_sum.item() / n, "pairs": n}
+
+
+# --------------------------------------------------------------------------- model + data
+def load_reward_model(model_name_or_path: str, tokenizer=None, allow_unmarked_model_dir: bool = False,
+                      attn_implementation: str | None = None, tokenizer_name_or_path: str | None = None):
+    """(AutoModelForSequenceClassification with num_labels=1, tokenizer) from a finished stage directory.
+
+    From an SFT directory the backbone weights are carried over and the ``score`` head is new
+    (initialised by transformers); from an RM directory everything is loaded. A local directory
+    without the COMPLETE marker is refused unless ``allow_unmarked_model_dir``.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from rlhf_fast.models.loading import resolve_attn_implementation
+
+    path = Path(model_name_or_path)
+    if path.exists():
+        if not allow_unmarked_model_dir:
+            require_finished_stage(path, what="rm model_name_or_path")
+    elif model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") > 1 or "\\" in model_name_or_path:
+        require_finished_stage(path, stage="sft", what="rm model_name_or_path")  # a local path that is missing: raises
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized score.weight" is expected from an SFT directory
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    model_name_or_path, num_labels=1, dtype=torch.float32,
+                    attn_implementation=resolve_attn_implementation(attn_implementation),
+                )
+            except OSError as e:
+                if path.exists():
+                    raise
+                raise StageNotFinishedError(
+                    f"rm model_name_or_path {model_name_or_path!r} is neither a local directory (it does not exist: "
+                    f"run `rlhf-fast sft ... output_dir={model_name_or_path}` first, or fix the path) nor a model "
+                    f"that could be fetched from the Hugging Face hub ({str(e).splitlines()[0]})"
+                ) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
+    ensure_pad_token(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _preference_rows(cfg: RewardConfig, train_dataset, eval_dataset) -> tuple[Rows, Rows]:
+    if train_dataset is None and cfg.dataset == DEMO:
+        from rlhf_fast.demo_data import demo_corpus, synthetic_preference_rows
+
+        split = demo_corpus()
+        n_eval = max(1, round(cfg.demo_num_pairs * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
+        train = synthetic_preference_rows(split.train, cfg.demo_num_pairs - n_eval, seed=cfg.seed,
+                                          noisy=cfg.demo_noisy_labels)
+        # Held-out pairs come from held-out paragraphs and carry noiseless labels: accuracy then
+        # measures agreement with the gold judge itself.
+        ev = synthetic_preference_rows(split.heldout, n_eval, seed=cfg.seed + 1, noisy=False) if n_eval else []
+        return (load_preference_rows(train, name="demo preference pairs"),
+                load_preference_rows(ev, name="demo held-out pairs") if ev else Rows([], [], "none"))
+    train = load_preference_rows(train_dataset if train_dataset is not None else cfg.dataset, name="dataset")
+    if eval_dataset is None and cfg.eval_dataset is not None:
+        eval_dataset = cfg.eval_dataset
+    if eval_dataset is not None:
+        return train, load_preference_rows(eval_dataset, name="eval_dataset")
+    if cfg.eval_fraction > 0 and len(train.rows) >= 2:
+        return split_rows(train, cfg.eval_fraction, cfg.seed)
+    return train, Rows([], [], "none")
+
+
+def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokenizer=None, train_dataset=None,
+                       eval_dataset=None) -> RewardResult:
+    """Run the reward-model stage and write ``cfg.output_dir`` as a finished stage directory.
+
+    model / tokenizer: an in-memory sequence-classification model (num_labels=1) and tokenizer
+    instead of ``cfg.model_name_or_path``. train_dataset / eval_dataset: in-memory rows
+    ``[{"prompt", "chosen", "rejected"[, "margin"]}]``, a ``datasets.Dataset`` or a path, instead of
+    ``cfg.dataset``. Returns the model, tokenizer, output directory and summary metrics
+    (``initial_eval_accuracy``, ``final_eval_accuracy``, ``final_eval_loss``, ...).
+    """
+    if not isinstance(cfg, RewardConfig):
+        raise TypeError(f"cfg must be a RewardConfig, got {type(cfg).__name__}")
+    device = resolve_device(cfg.device)
+    stage_dir = StageDirectory(cfg.output_dir, stage="rm")
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model, tokenizer = load_reward_model(
+            cfg.model_name_or_path, tokenizer, cfg.allow_unmarked_model_dir, cfg.attn_implementation,
+            cfg.tokenizer_name_or_path,
+        )
+    else:
+        head = score_head(model)
+        if head.out_features != 1:
+            raise ValueError(f"reward model must have num_labels=1, got {head.out_features}")
+        if tokenizer is None:
+            raise ValueError("an in-memory reward model needs tokenizer=")
+        ensure_pad_token(tokenizer)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    train_rows, eval_rows = _preference_rows(cfg, train_dataset, eval_dataset)
+    tok_kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                  use_chat_template=cfg.use_chat_template)
+    train_ex = tokenize_preference_rows(train_rows, tokenizer, **tok_kw)
+    eval_ex = tokenize_preference_rows(eval_rows, tokenizer, **tok_kw) if eval_rows.rows else []
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    pad_id = tokenizer.pad_token_id
+    lengths = [max(len(e.chosen_ids), len(e.rejected_ids)) for e in train_ex]
+
+    def micro_loss(indices):
+        ids, mask, margins = _pair_batch([train_ex[i] for i in indices], pad_id, device)
+        scores = sequence_scores(model, ids, mask)
+        rc, rr = scores[: len(indices)], scores[len(indices):]
+        loss = bradley_terry_loss(rc, rr, margins if cfg.use_margin else None, reduction="sum")
+        if cfg.center_rewards_coefficient:
+            loss = loss + cfg.center_rewards_coefficient * ((rc + rr) ** 2).sum()
+        return loss, int(mask.sum()), len(indices)
+
+    def evaluate():
+        return evaluate_reward_model(model, eval_ex, pad_id, cfg.per_device_eval_batch_size, cfg.use_margin, cfg.bf16)
+
+    with stage_dir:
+        metrics = MetricsWriter(stage_dir.path / "metrics.jsonl")
+        try:
+            hist = run_training_loop(
+                model=model, cfg=cfg, stage="rm", num_examples=len(train_ex), lengths=lengths,
+                micro_loss=micro_loss, count_units=len, evaluate=evaluate, metrics=metrics,
+            )
+        finally:
+            metrics.close()
+        model.eval()
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+            model.config.use_cache = True
+        summary = {
+            "train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "steps": hist["steps"],
+            "train_loss": hist["train_loss"],
+            "initial_eval_accuracy": hist["initial_eval"]["accuracy"], "initial_eval_loss": hist["initial_eval"]["loss"],
+            "final_eval_accuracy": hist["final_eval"]["accuracy"], "final_eval_loss": hist["final_eval"]["loss"],
+            "final_eval_margin_mean": hist["final_eval"]["margin_mean"], "tokens": hist["tokens"],
+            "tokens_per_s": hist["tokens_per_s"], "runtime_s": hist["runtime_s"],
+            "skipped_nonfinite_steps": hist["skipped_nonfinite_steps"], "dataset": train_rows.source,
+        }
+        (stage_dir.path / "stage_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        out = stage_dir.finish(model, tokenizer, summary)
+    return RewardResult(out, model, tokenizer, summary)

@@ -1,0 +1,462 @@
+"""Supervised fine-tuning: next-token loss on response tokens only, through the fused log-prob op.
+
+The causal LM's own ``forward`` is never called (it would build [tokens, vocab] logits): the
+backbone gives hidden states [B, T, H], the positions that predict a response token are gathered
+([N, H], prompt and padding positions never reach the LM head) and ``fused_linear_logprobs`` turns
+them into log-probs with the LM head weight, chunk by chunk.
+
+Loss of an optimizer step = −Σ log p(response tokens) / (number of response tokens in the whole
+accumulated batch), so gradient accumulation gives the same update as one big batch.
+
+Training: AdamW (no weight decay on biases and norm weights), linear warmup then cosine / linear /
+constant decay, gradient-norm clipping, gradient accumulation, batches grouped by length, a tqdm bar,
+``metrics.jsonl`` (loss, lr, grad_norm, tokens/s, eval_loss) in the output directory, held-out loss
+before and after training. The output is a finished stage directory (see ``rlhf_fast.stage_io``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from rlhf_fast.config import config_to_dict
+from rlhf_fast.data import (
+    Rows,
+    SFTExample,
+    collate_sft,
+    length_grouped_batches,
+    load_sft_rows,
+    split_rows,
+    tokenize_sft_rows,
+)
+from rlhf_fast.models.loading import backbone_hidden, ensure_pad_token, get_backbone, get_lm_head
+from rlhf_fast.ops import fused_linear_logprobs
+from rlhf_fast.stage_io import StageDirectory
+
+__all__ = [
+    "SFTConfig", "SFTResult", "train_sft", "response_logprobs", "evaluate_sft_loss", "lr_multiplier",
+    "build_optimizer", "build_lr_scheduler", "resolve_device",
+]
+
+DEMO = "demo"
+
+
+@dataclass
+class SFTConfig:
+    """Settings of ``rlhf-fast sft`` (YAML section ``sft:``). Names follow TRL / transformers where they exist."""
+
+    model_name_or_path: str = field(default=DEMO, metadata={"help": "HF model dir or hub name; 'demo' builds the tiny random Qwen2 + BPE tokenizer."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
+    dataset: str = field(default=DEMO, metadata={"help": ".jsonl/.json/.parquet file or save_to_disk dir; 'demo' = pydoc corpus pairs."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out file; None: split eval_fraction off the train set."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Held-out share when eval_dataset is None (not for 'demo')."})
+    output_dir: str = field(default="runs/sft", metadata={"help": "Finished stage directory to write."})
+    max_length: int = field(default=256, metadata={"help": "Max prompt+response tokens."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Prompt tokens kept when truncating (default max_length//2)."})
+    use_chat_template: bool = field(default=True, metadata={"help": "Format string prompts with the tokenizer's chat template when it has one."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per eval batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "Decay after warmup."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Warmup share of the steps (unless warmup_steps > 0)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Warmup steps; overrides warmup_ratio when > 0."})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "Final LR as a share of the peak."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases/norms)."})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm (0: off)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the data (ignored when max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; > 0 overrides num_train_epochs."})
+    logging_steps: int = field(default=10, metadata={"help": "Write a metrics line every N optimizer steps."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Held-out loss every N steps (always before and after)."})
+    seed: int = 42
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the backbone (CUDA); weights and LM head stay fp32."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "None: flash_attention_2 on CUDA if installed, else sdpa."})
+    logprob_chunk_size: int | None = field(default=None, metadata={"help": "Rows per chunk of the fused log-prob op (None: its default)."})
+    max_nonfinite_steps: int = field(default=3, metadata={"help": "Skip up to N steps with a non-finite loss, then stop."})
+    disable_tqdm: bool = False
+    demo_vocab_size: int = field(default=1024, metadata={"help": "'demo' model: BPE vocabulary size."})
+    demo_prompt_words: int = field(default=8, metadata={"help": "'demo' dataset: prompt length in words."})
+    demo_response_words: int = field(default=30, metadata={"help": "'demo' dataset: response length in words."})
+
+    def __post_init__(self):
+        check_training_fields(self)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+def check_training_fields(cfg) -> None:
+    """Range checks shared by the SFT and reward-model configs; the message names the field."""
+    positive_ints = ["max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps"]
+    for name in positive_ints:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_steps is not None and cfg.eval_steps < 1:
+        raise ValueError(f"eval_steps must be >= 1 or None, got {cfg.eval_steps}")
+    if cfg.max_prompt_length is not None and not 0 <= cfg.max_prompt_length < cfg.max_length:
+        raise ValueError(f"max_prompt_length must be in [0, max_length={cfg.max_length}), got {cfg.max_prompt_length}")
+    if not cfg.learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}")
+    if not 0.0 <= cfg.warmup_ratio <= 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    for name in ("warmup_steps", "weight_decay", "max_grad_norm", "max_nonfinite_steps"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_steps <= 0 and not cfg.num_train_epochs > 0:
+        raise ValueError(f"set max_steps > 0 or num_train_epochs > 0 (got {cfg.max_steps} and {cfg.num_train_epochs})")
+    if cfg.logprob_chunk_size is not None and cfg.logprob_chunk_size < 1:
+        raise ValueError(f"logprob_chunk_size must be >= 1 or None, got {cfg.logprob_chunk_size}")
+
+
+class SFTResult(NamedTuple):
+    """output_dir: the finished stage directory; metrics: the summary also written to its COMPLETE marker."""
+
+    output_dir: Path
+    model: nn.Module
+    tokenizer: Any
+    metrics: dict
+
+
+# --------------------------------------------------------------------------- shared training pieces
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available on this machine; use device=auto or cpu")
+    return dev
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float = 0.0) -> float:
+    """LR / peak LR before optimizer step ``step`` (0-based): linear warmup from 1/(warmup+1), then decay.
+
+    cosine: min + (1 − min)·½(1 + cos(π·p)); linear: min + (1 − min)·(1 − p); constant: 1;
+    with p = (step − warmup) / max(1, total − warmup), clamped to [0, 1].
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    if schedule == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - p)
+    raise ValueError(f"lr_scheduler_type must be 'cosine', 'linear' or 'constant', got {schedule!r}")
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; biases and norm weights (ndim < 2) get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = any(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+        **({"fused": True} if on_cuda else {}),
+    )
+
+
+def build_lr_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, warmup, total_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio)
+    )
+
+
+def total_optimizer_steps(num_batches: int, cfg) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_train_epochs * num_batches / cfg.gradient_accumulation_steps))
+
+
+def batch_stream(lengths: list[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless length-grouped index batches, reshuffled each epoch."""
+    epoch = 0
+    while True:
+        yield from length_grouped_batches(lengths, batch_size, shuffle=True, seed=seed + epoch)
+        epoch += 1
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    if not bf16:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``path`` (flushed, so a crashed run keeps its curve)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def run_training_loop(
+    *, model: nn.Module, cfg, stage: str, num_examples: int, lengths: list[int],
+    micro_loss: Callable[[list[int]], tuple[torch.Tensor, int, int]],
+    count_units: Callable[[list[int]], int], evaluate: Callable[[], dict], metrics: MetricsWriter,
+) -> dict:
+    """The optimizer loop shared by SFT and reward-model training.
+
+    micro_loss(indices) -> (sum of the per-unit losses, as a differentiable scalar; tokens processed;
+    units): the loss of an optimizer step is Σ micro sums / Σ units of the step (count_units gives the
+    units of a micro-batch before its forward, so each micro-batch's backward is already scaled right).
+    Returns the last metrics and counters.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    batches_per_epoch = math.ceil(num_examples / cfg.per_device_train_batch_size)
+    total_steps = total_optimizer_steps(batches_per_epoch, cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
+    stream = batch_stream(lengths, cfg.per_device_train_batch_size, cfg.seed)
+    eval_every = cfg.eval_steps
+    history: dict[str, Any] = {"skipped_nonfinite_steps": 0, "tokens": 0}
+    first_eval = evaluate()
+    history["initial_eval"] = first_eval
+    metrics.write({"step": 0, **{f"eval_{k}": v for k, v in first_eval.items()}})
+    bar = tqdm(total=total_steps, desc=stage, disable=cfg.disable_tqdm, dynamic_ncols=True)
+    window_tokens, window_start = 0, time.perf_counter()
+    start = time.perf_counter()
+    last_loss = float("nan")
+    model.train()
+    for step in range(1, total_steps + 1):
+        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+        units = sum(count_units(m) for m in micro)
+        loss_total = torch.zeros((), device=device)
+        step_tokens = 0
+        for indices in micro:
+            with autocast_context(device, cfg.bf16):
+                loss_sum, tokens, _ = micro_loss(indices)
+            loss = loss_sum / max(units, 1)
+            loss.backward()
+            loss_total += loss.detach()
+            step_tokens += tokens
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+            )
+        loss_value, grad_value = loss_total.item(), float(grad_norm)  # one host sync per optimizer step
+        lr = scheduler.get_last_lr()[0]
+        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+            optimizer.zero_grad(set_to_none=True)
+            history["skipped_nonfinite_steps"] += 1
+            metrics.write({"step": step, "skipped_nonfinite": True, "loss": str(loss_value), "grad_norm": str(grad_value)})
+            if history["skipped_nonfinite_steps"] > cfg.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{stage}: non-finite loss or gradient at {history['skipped_nonfinite_steps']} steps (last: step "
+                    f"{step}); stopping before any weights are saved. Lower learning_rate or check the data"
+                )
+            scheduler.step()
+            bar.update(1)
+            continue
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        last_loss = loss_value
+        history["tokens"] += step_tokens
+        window_tokens += step_tokens
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            now = time.perf_counter()
+            metrics.write({
+                "step": step, "epoch": round(step * cfg.gradient_accumulation_steps / batches_per_epoch, 4),
+                "loss": loss_value, "lr": lr, "grad_norm": grad_value,
+                "tokens_per_s": window_tokens / max(now - window_start, 1e-9), "tokens": history["tokens"],
+            })
+            window_tokens, window_start = 0, now
+        if eval_every and step % eval_every == 0 and step != total_steps:
+            ev = evaluate()
+            model.train()
+            metrics.write({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
+    bar.close()
+    final_eval = evaluate()
+    metrics.write({"step": total_steps, **{f"eval_{k}": v for k, v in final_eval.items()}})
+    runtime = time.perf_counter() - start
+    history.update(
+        steps=total_steps, final_eval=final_eval, train_loss=last_loss, runtime_s=round(runtime, 3),
+        tokens_per_s=history["tokens"] / max(runtime, 1e-9),
+    )
+    return history
+
+
+# --------------------------------------------------------------------------- SFT proper
+def response_logprobs(backbone: nn.Module, lm_head: nn.Module, batch: dict[str, torch.Tensor],
+                      chunk_size: int | None = None) -> torch.Tensor:
+    """fp32 [N] log-probs of the N labelled (response) tokens of a collated batch, in row-major order.
+
+    Only the N positions that predict a response token reach the LM head (via the fused op).
+    """
+    hidden = backbone_hidden(backbone, batch["input_ids"], batch["attention_mask"])
+    labels = batch["labels"]
+    selected = labels != -100
+    h = hidden[selected]
+    h = h.to(lm_head.weight.dtype)  # under bf16 autocast the head still runs in the weight's dtype
+    logp, _ = fused_linear_logprobs(h, lm_head.weight, labels[selected], bias=lm_head.bias, chunk_size=chunk_size)
+    return logp
+
+
+@torch.no_grad()
+def evaluate_sft_loss(model: nn.Module, examples: list[SFTExample], pad_id: int, batch_size: int = 16,
+                      chunk_size: int | None = None, bf16: bool = False) -> dict:
+    """Mean negative log-likelihood per response token over ``examples`` ({"loss", "tokens"})."""
+    if not examples:
+        return {"loss": float("nan"), "tokens": 0}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    backbone, head = get_backbone(model), get_lm_head(model)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    lengths = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
+    for indices in length_grouped_batches(lengths, batch_size, shuffle=False):
+        batch = {k: v.to(device) for k, v in collate_sft([examples[i] for i in indices], pad_id).items()}
+        with autocast_context(device, bf16):
+            logp = response_logprobs(backbone, head, batch, chunk_size)
+        total -= logp.double().sum()
+        tokens += logp.numel()
+    model.train(was_training)
+    return {"loss": (total / max(tokens, 1)).item(), "tokens": tokens}
+
+
+def _load_model_and_tokenizer(cfg: SFTConfig, model, tokenizer, demo_split):
+    if model is None:
+        if cfg.model_name_or_path == DEMO:
+            from rlhf_fast.demo_data import build_demo_model, build_demo_tokenizer
+
+            if tokenizer is None:
+                tokenizer = build_demo_tokenizer(demo_split.train, vocab_size=cfg.demo_vocab_size)
+            model = build_demo_model(tokenizer, seed=cfg.seed)
+        else:
+            from rlhf_fast.models.loading import load_causal_lm
+
+            model = load_causal_lm(cfg.model_name_or_path, dtype=torch.float32,
+                                   attn_implementation=cfg.attn_implementation)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        source = cfg.tokenizer_name_or_path or (cfg.model_name_or_path if cfg.model_name_or_path != DEMO else None)
+        if source is None:
+            raise ValueError("a model passed in memory needs tokenizer= (or tokenizer_name_or_path in the config)")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    ensure_pad_token(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _sft_rows(cfg: SFTConfig, train_dataset, eval_dataset, demo_split) -> tuple[Rows, Rows]:
+    if train_dataset is None and cfg.dataset == DEMO:
+        from rlhf_fast.demo_data import sft_pairs
+
+        kw = dict(prompt_words=cfg.demo_prompt_words, response_words=cfg.demo_response_words)
+        train = load_sft_rows(sft_pairs(demo_split.train, **kw), name="demo train pairs")
+        ev = load_sft_rows(sft_pairs(demo_split.heldout, **kw), name="demo held-out pairs")
+        return train, ev
+    train = load_sft_rows(train_dataset if train_dataset is not None else cfg.dataset, name="dataset")
+    if eval_dataset is None and cfg.eval_dataset is not None:
+        eval_dataset = cfg.eval_dataset
+    if eval_dataset is not None:
+        return train, load_sft_rows(eval_dataset, name="eval_dataset")
+    if cfg.eval_fraction > 0 and len(train.rows) >= 2:
+        return split_rows(train, cfg.eval_fraction, cfg.seed)
+    return train, Rows([], [], "none")
+
+
+def train_sft(cfg: SFTConfig, model: nn.Module | None = None, tokenizer=None, train_dataset=None,
+              eval_dataset=None) -> SFTResult:
+    """Run the SFT stage and write ``cfg.output_dir`` as a finished stage directory.
+
+    model / tokenizer: in-memory objects instead of ``cfg.model_name_or_path``. train_dataset /
+    eval_dataset: rows (list of dicts, ``datasets.Dataset`` or a path) instead of ``cfg.dataset``.
+    Returns the trained model, its tokenizer, the output directory and the summary metrics
+    (``initial_eval_loss``, ``final_eval_loss``, ``train_loss``, ``steps``, ``tokens_per_s`` ...).
+    """
+    if not isinstance(cfg, SFTConfig):
+        raise TypeError(f"cfg must be an SFTConfig, got {type(cfg).__name__}")
+    device = resolve_device(cfg.device)
+    stage_dir = StageDirectory(cfg.output_dir, stage="sft")  # fails now, not after training, on a bad output_dir
+    torch.manual_seed(cfg.seed)
+    demo_split = None
+    if cfg.dataset == DEMO or cfg.model_name_or_path == DEMO:
+        from rlhf_fast.demo_data import demo_corpus
+
+        demo_split = demo_corpus()
+    model, tokenizer = _load_model_and_tokenizer(cfg, model, tokenizer, demo_split)
+    train_rows, eval_rows = _sft_rows(cfg, train_dataset, eval_dataset, demo_split)
+    tok_kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                  use_chat_template=cfg.use_chat_template)
+    train_ex = tokenize_sft_rows(train_rows, tokenizer, **tok_kw)
+    eval_ex = tokenize_sft_rows(eval_rows, tokenizer, **tok_kw) if eval_rows.rows else []
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    backbone, head = get_backbone(model), get_lm_head(model)
+    pad_id = tokenizer.pad_token_id
+    lengths = [len(e.prompt_ids) + len(e.response_ids) for e in train_ex]
+
+    def micro_loss(indices):
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate_sft([train_ex[i] for i in indices], pad_id).items()}
+        logp = response_logprobs(backbone, head, batch, cfg.logprob_chunk_size)
+        return -logp.sum(), int(batch["attention_mask"].sum()), logp.numel()
+
+    def count_units(indices):
+        return sum(len(train_ex[i].response_ids) for i in indices)
+
+    def evaluate():
+        return evaluate_sft_loss(model, eval_ex, pad_id, cfg.per_device_eval_batch_size, cfg.logprob_chunk_size, cfg.bf16)
+
+    with stage_dir:
+        metrics = MetricsWriter(stage_dir.path / "metrics.jsonl")
+        try:
+            hist = run_training_loop(
+                model=model, cfg=cfg, stage="sft", num_examples=len(train_ex), lengths=lengths,
+                micro_loss=micro_loss, count_units=count_units, evaluate=evaluate, metrics=metrics,
+            )
+        finally:
+            metrics.close()
+        model.eval()
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+            model.config.use_cache = True
+        summary = {
+            "train_examples": len(train_ex), "eval_examples": len(eval_ex), "steps": hist["steps"],
+            "train_loss": hist["train_loss"], "initial_eval_loss": hist["initial_eval"]["loss"],
+            "final_eval_loss": hist["final_eval"]["loss"], "tokens": hist["tokens"],
+            "tokens_per_s": hist["tokens_per_s"], "runtime_s": hist["runtime_s"],
+            "skipped_nonfinite_steps": hist["skipped_nonfinite_steps"], "dataset": train_rows.source,
+        }
+        (stage_dir.path / "stage_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        out = stage_dir.finish(model, tokenizer, summary)
+    return SFTResult(out, model, tokenizer, summary)
