@@ -13,3 +13,18 @@ __all__ += ["fused_linear_logprobs", "fused_linear_logprobs_reference", "logprob
 __all__ += ["ppo_policy_loss", "value_loss"]  # issue 4B
 __all__ += ["gae", "kl_penalty", "masked_whiten", "token_rewards"]  # issue 4A
 __all__ += ["ModelOutput", "PolicyValueModel", "make_reward"]  # issue 5
+
+# The trainers import transformers (seconds): load them on first use, not on `import rlhf_fast`.
+_LAZY = {
+    "PPOConfig": "rlhf_fast.trainer.ppo_config",
+    "PPOTrainer": "rlhf_fast.trainer.ppo",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rlhf_fast' has no attribute {name!r}")
