@@ -244,6 +244,8 @@ class PolicyValueModel(nn.Module):
             _enable_checkpointing(base)
         if reference == "lora":
             base = self._wrap_lora(base, lora_config)
+            if disable_dropout:
+                _disable_dropout(base)  # also any lora_dropout the config asked for
         self.policy = base
         causal = base.get_base_model() if reference == "lora" else base
         # Views into self.policy, kept out of the module tree so state_dict has no duplicate keys.
