@@ -97,6 +97,14 @@ def test_callable_reward_bad_outputs_are_named(fn, err, match):
         CallableReward(fn)(prompts=["a", "b"], completions=["x", "y"])
 
 
+def test_callable_reward_can_pass_nonfinite_to_a_caller_that_handles_it():
+    r = CallableReward(lambda p, c: [1.0, math.nan], allow_nonfinite=True)
+    out = r(prompts=["a", "b"], completions=["x", "y"])
+    assert out[0] == 1.0 and math.isnan(out[1])
+    with pytest.raises(ValueError, match="returned 1 scores"):  # the count is still checked
+        CallableReward(lambda p, c: [1.0], allow_nonfinite=True)(prompts=["a", "b"], completions=["x", "y"])
+
+
 def test_make_reward_rejects_non_callable():
     with pytest.raises(TypeError, match="AutoModelForSequenceClassification or a callable"):
         make_reward(3.0)
