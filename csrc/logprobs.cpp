@@ -51,11 +51,33 @@ void logprob_rows_fwd_f32(const float* logits, const int64_t* labels, float* log
     const int64_t y = labels[i];
     // Pass 1: row max of the raw logits (temperature > 0 keeps the argmax); NaN is tracked apart
     // because max() would drop it.
-    float m = -std::numeric_limits<float>::infinity();
-    bool nan = false;
-    for (int64_t j = 0; j < V; ++j) {
-      m = x[j] > m ? x[j] : m;
-      nan |= x[j] != x[j];
+    // Kept in kLanes independent lanes: a plain max reduction does not vectorise without
+    // -ffast-math (NaN ordering), an elementwise max across lanes does.
+    constexpr int kLanes = 16;
+    float mv[kLanes];
+    int32_t nv[kLanes];
+    for (int k = 0; k < kLanes; ++k) {
+      mv[k] = -std::numeric_limits<float>::infinity();
+      nv[k] = 0;
+    }
+    int64_t j0 = 0;
+    for (; j0 + kLanes <= V; j0 += kLanes) {
+#pragma omp simd
+      for (int k = 0; k < kLanes; ++k) {
+        const float v = x[j0 + k];
+        mv[k] = v > mv[k] ? v : mv[k];
+        nv[k] |= v != v;
+      }
+    }
+    for (int64_t j = j0; j < V; ++j) {
+      mv[0] = x[j] > mv[0] ? x[j] : mv[0];
+      nv[0] |= x[j] != x[j];
+    }
+    float m = mv[0];
+    bool nan = nv[0] != 0;
+    for (int k = 1; k < kLanes; ++k) {
+      m = mv[k] > m ? mv[k] : m;
+      nan |= nv[k] != 0;
     }
     const float mz = m * inv_temperature;
     // Pass 2: s = sum exp(z - mz), t = sum exp(z - mz) * (z - mz), z = x / T.
