@@ -116,6 +116,23 @@ def aot_specs() -> list[KernelSpec]:
 
 
 # --------------------------------------------------------------------------- dispatcher
+def _check_out(out, rewards: torch.Tensor) -> None:
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"out must be a pair (advantages, returns) of tensors, got {type(out).__name__}")
+    for name, t in zip(("out[0] (advantages)", "out[1] (returns)"), out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != rewards.shape or t.dtype != torch.float32 or t.device != rewards.device:
+            raise ValueError(
+                f"{name} must be float32 of shape {tuple(rewards.shape)} on {rewards.device}, "
+                f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if out[0].data_ptr() == out[1].data_ptr() and out[0].numel() > 0:
+        raise ValueError("out[0] and out[1] must be different buffers")
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if t.dtype == torch.float32 else t.float().contiguous()
 
@@ -128,6 +145,7 @@ def gae(
     lam: float,
     bootstrap_values: torch.Tensor | None = None,
     backend: str | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GAEOutput:
     """Advantages and returns by GAE over the valid positions of each row.
 
@@ -136,6 +154,9 @@ def gae(
     bootstrap_values: optional [B] float, V after the last valid token of truncated rows (else 0).
     Returns GAEOutput(advantages, returns), both [B, T] fp32, 0 where mask is 0. No gradient
     (inputs are detached rollout data). backend: None (automatic) or "triton" | "cpp" | "torch".
+    out: optional (advantages, returns) buffers, contiguous fp32 [B, T] on the inputs' device, written
+    in place and returned — a trainer reusing them every step skips two fresh allocations (on CPU
+    their page faults cost more than the scan itself).
     """
     check_floating("rewards", rewards)
     check_floating("values", values)
@@ -153,6 +174,8 @@ def gae(
         bootstrap_values = bootstrap_values.detach()
     check_unit_interval("gamma", gamma)
     check_unit_interval("lam", lam)
+    if out is not None:
+        _check_out(out, rewards)
     mask = check_mask("mask", mask)
     rewards, values = rewards.detach(), values.detach()
     chosen = dispatch(rewards, backend)
@@ -163,11 +186,19 @@ def gae(
         if bootstrap_values is not None:
             check_finite("bootstrap_values", bootstrap_values)
     if chosen == "torch":
-        return gae_reference(rewards, values, mask, float(gamma), float(lam), bootstrap_values)
+        ref = gae_reference(rewards, values, mask, float(gamma), float(lam), bootstrap_values)
+        if out is None:
+            return ref
+        out[0].copy_(ref.advantages)
+        out[1].copy_(ref.returns)
+        return GAEOutput(out[0], out[1])
 
     B, T = rewards.shape
-    advantages = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
-    returns = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
+    if out is not None:
+        advantages, returns = out
+    else:
+        advantages = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
+        returns = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
     if advantages.numel() == 0:
         return GAEOutput(advantages, returns)
     m8 = mask.contiguous().view(torch.uint8)

@@ -181,3 +181,30 @@ def test_bad_input_names_the_argument():
             gae(bad, v, m, 0.9, 0.9, backend=backend)
         with pytest.raises(ValueError, match="NaN or inf"):
             gae(r, v, m, 0.9, 0.9, bootstrap_values=torch.tensor([0.0, float("inf")]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_buffers_are_written_in_place(backend):
+    r, v = torch.randn(3, 7), torch.randn(3, 7)
+    mask = torch.rand(3, 7) < 0.7
+    adv_buf, ret_buf = torch.full((3, 7), 123.0), torch.full((3, 7), 123.0)
+    got = gae(r, v, mask, 0.9, 0.8, backend=backend, out=(adv_buf, ret_buf))
+    ref = gae_reference(r, v, mask, 0.9, 0.8)
+    assert got.advantages is adv_buf and got.returns is ret_buf
+    assert_close(adv_buf, ref.advantages)
+    assert_close(ret_buf, ref.returns)
+
+
+def test_bad_out_buffers():
+    r, v, m = torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"out\[0\] \(advantages\) must be float32 of shape \(2, 3\)"):
+        gae(r, v, m, 0.9, 0.9, out=(torch.empty(2, 4), torch.empty(2, 3)))
+    with pytest.raises(ValueError, match=r"out\[1\] \(returns\) must be float32"):
+        gae(r, v, m, 0.9, 0.9, out=(torch.empty(2, 3), torch.empty(2, 3, dtype=torch.bfloat16)))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        gae(r, v, m, 0.9, 0.9, out=(torch.empty(3, 2).t(), torch.empty(2, 3)))
+    buf = torch.empty(2, 3)
+    with pytest.raises(ValueError, match="different buffers"):
+        gae(r, v, m, 0.9, 0.9, out=(buf, buf))
+    with pytest.raises(TypeError, match="out must be a pair"):
+        gae(r, v, m, 0.9, 0.9, out=buf)

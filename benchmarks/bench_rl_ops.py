@@ -1,0 +1,179 @@
+"""RL element-wise ops and scans (issue 4A): GAE, whitening, KL penalty, token rewards.
+
+    python -m benchmarks.bench_rl_ops [--full] [--device cuda]
+
+- GAE, ours (one fused reverse scan: C++ on CPU, Triton on CUDA) against the Python loop over T
+  that TRL / OpenRLHF / veRL write (our gae_reference), at B in {64, 256, 512}, T in {256, 1024,
+  4096}, fp32. Target on CPU: >= 50x faster at B=256, T=1024.
+- GAE achieved bandwidth against a preallocated ``copy_`` moving the same bytes, at B=512, T=4096:
+  the scan reads rewards, values (fp32) and the mask (1 B) and writes advantages and returns
+  (fp32): 17 B per token. The copy reads and writes 8.5 B per token. Target: >= 25% of the copy,
+  measured like for like with ``gae(..., out=preallocated)``; the row with fresh outputs is shown
+  too (on CPU their first-touch page faults cost more than the scan).
+- masked_whiten, kl_penalty (k3, forward and forward+backward) and token_rewards against the same
+  formulas in eager torch (the references).
+Each side runs in its own process (time + peak memory above its inputs); table, CSV rows.
+
+Threads: both sides get the same OpenMP / torch thread count, 1 by default (``--threads``). On a
+shared, oversubscribed machine a 2-thread OpenMP region waits a whole scheduler quantum (~4 ms)
+whenever one of its threads is descheduled, which swamps sub-millisecond kernels; a dedicated
+machine should pass ``--threads 0`` (all cores).
+"""
+from __future__ import annotations
+
+import argparse
+
+from benchmarks.common import append_rows, make_row, mark_baseline, print_table, ratio, run_isolated, time_fn
+
+GAE_BYTES_PER_TOKEN = 4 + 4 + 1 + 4 + 4  # rewards, values, mask in; advantages, returns out
+GAE_TARGET_SPEEDUP = 50.0
+GAE_TARGET_COPY_FRACTION = 0.25
+
+
+def _inputs(B: int, T: int, device: str, dtype: str, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    x = torch.randn(B, T, generator=g).to(device=device, dtype=dt)
+    y = torch.randn(B, T, generator=g).to(device=device, dtype=dt)
+    # right-padded responses of random length, with a few holes (multi-turn tool output)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    mask &= torch.rand(B, T, generator=g) < 0.95
+    return x, y, mask.to(device)
+
+
+def side(op: str, provider: str, B: int, T: int, device: str = "cpu", dtype: str = "float32") -> dict:
+    """One timed side: op in {gae, copy, whiten, kl_fwd, kl_fwd_bwd, token_rewards}; provider
+    'rlhf_fast' (public op, automatic backend) or 'torch' (eager reference)."""
+    import torch
+
+    from rlhf_fast.ops import (
+        gae,
+        gae_reference,
+        kl_penalty,
+        kl_penalty_reference,
+        masked_whiten,
+        masked_whiten_reference,
+        token_rewards,
+        token_rewards_reference,
+    )
+
+    x, y, mask = _inputs(B, T, device, dtype)
+    repeats, warmup = 10, 2
+    if op == "gae":
+        fn = (lambda: gae(x, y, mask, 0.99, 0.95)) if provider == "rlhf_fast" else (
+            lambda: gae_reference(x, y, mask, 0.99, 0.95))
+        if provider == "torch":  # the Python loop is slow at long T: fewer repeats there
+            repeats, warmup = (3, 1) if T >= 4096 else (5, 1)
+    elif op == "gae_out":  # preallocated outputs, like the copy_ it is compared with
+        bufs = (torch.empty(B, T, device=device), torch.empty(B, T, device=device))
+        fn = lambda: gae(x, y, mask, 0.99, 0.95, out=bufs)  # noqa: E731
+    elif op == "copy":
+        # Same bytes moved as the GAE scan: read and write GAE_BYTES_PER_TOKEN / 2 per token.
+        nbytes = B * T * GAE_BYTES_PER_TOKEN // 2
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)  # noqa: E731
+    elif op == "whiten":
+        fn = (lambda: masked_whiten(x, mask)) if provider == "rlhf_fast" else (lambda: masked_whiten_reference(x, mask))
+    elif op == "kl_fwd":
+        fn = (lambda: kl_penalty(x, y, "k3")) if provider == "rlhf_fast" else (lambda: kl_penalty_reference(x, y, "k3"))
+    elif op == "kl_fwd_bwd":
+        xg = x.clone().requires_grad_(True)
+        up = torch.ones(B, T, device=device)
+        impl = kl_penalty if provider == "rlhf_fast" else kl_penalty_reference
+
+        def fn():
+            xg.grad = None
+            impl(xg, y, "k3").backward(up)
+    elif op == "token_rewards":
+        scores = torch.randn(B, device=device)
+        fn = (lambda: token_rewards(scores, x, mask, 0.05)) if provider == "rlhf_fast" else (
+            lambda: token_rewards_reference(scores, x, mask, 0.05))
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    mark_baseline(device)  # memory beyond the inputs
+    return time_fn(fn, warmup=warmup, repeats=repeats, device=device)
+
+
+def _gbs(nbytes: float, res: dict):
+    return nbytes / (res["time_ms"] * 1e-3) / 1e9 if "time_ms" in res else None
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="GPU-sized shapes (B up to 1024, T up to 8192)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per side (0: all cores)")
+    args = ap.parse_args(argv)
+    dev = args.device
+    threads = args.threads or None
+
+    def run(**kw):
+        return run_isolated("benchmarks.bench_rl_ops:side", threads=threads, device=dev, **kw)
+    rows, summary = [], []
+
+    # ---- GAE: fused scan vs the Python loop over T
+    Bs, Ts = ((64, 256, 512), (256, 1024, 4096)) if not args.full else ((256, 512, 1024), (1024, 4096, 8192))
+    gae_res = {}
+    for B in Bs:
+        for T in Ts:
+            res = {p: run(op="gae", provider=p, B=B, T=T) for p in ("torch", "rlhf_fast")}
+            gae_res[(B, T)] = res
+            for p, r in res.items():
+                rows.append(make_row("rl_ops", "gae", f"{B}x{T}", "float32", p, r, dev,
+                                     _gbs(B * T * GAE_BYTES_PER_TOKEN, r), "GB/s",
+                                     note=("Python loop over T" if p == "torch" else "fused scan")
+                                     + f", threads={args.threads}"))
+            speedup = ratio(res["torch"].get("time_ms"), res["rlhf_fast"].get("time_ms"))
+            summary.append(f"gae {B}x{T}: ours {res['rlhf_fast'].get('time_ms', float('nan')):.3f} ms, "
+                           f"Python loop {res['torch'].get('time_ms', float('nan')):.1f} ms -> {speedup}x faster")
+
+    # ---- GAE bandwidth against a copy_ of the same bytes
+    bw_B, bw_T = (512, 4096) if not args.full else (1024, 8192)
+    copy = run(op="copy", provider="torch", B=bw_B, T=bw_T)
+    fresh = gae_res.get((bw_B, bw_T), {}).get("rlhf_fast") or run(op="gae", provider="rlhf_fast", B=bw_B, T=bw_T)
+    ours = run(op="gae_out", provider="rlhf_fast", B=bw_B, T=bw_T)
+    nbytes = bw_B * bw_T * GAE_BYTES_PER_TOKEN
+    rows.append(make_row("rl_ops", "gae_out_preallocated", f"{bw_B}x{bw_T}", "float32", "rlhf_fast", ours, dev,
+                         _gbs(nbytes, ours), "GB/s", note=f"fused scan, out=, threads={args.threads}"))
+    rows.append(make_row("rl_ops", "copy_same_bytes_as_gae", f"{bw_B}x{bw_T}", "uint8", "torch", copy, dev,
+                         _gbs(nbytes, copy), "GB/s", note=f"{nbytes / 2**20:.1f} MiB read+write"))
+    copy_fraction = float(ratio(copy.get("time_ms"), ours.get("time_ms")))
+    fresh_fraction = float(ratio(copy.get("time_ms"), fresh.get("time_ms")))
+
+    # ---- whitening, KL, token rewards vs eager torch
+    ew_shapes = [(512, 4096)] if not args.full else [(1024, 8192), (256, 1024)]
+    ew_res = {}
+    for op in ("whiten", "kl_fwd", "kl_fwd_bwd", "token_rewards"):
+        for B, T in ew_shapes:
+            res = {p: run(op=op, provider=p, B=B, T=T) for p in ("torch", "rlhf_fast")}
+            ew_res[(op, B, T)] = res
+            for p, r in res.items():
+                rows.append(make_row("rl_ops", op, f"{B}x{T}", "float32", p, r, dev, note=f"threads={args.threads}"))
+            summary.append(f"{op} {B}x{T}: time torch/ours = "
+                           f"{ratio(res['torch'].get('time_ms'), res['rlhf_fast'].get('time_ms'))}x, "
+                           f"memory ours/torch = {ratio(res['rlhf_fast'].get('mem_bytes'), res['torch'].get('mem_bytes'))}")
+
+    print_table(rows)
+    print()
+    for line in summary:
+        print(line)
+    key = (256, 1024)
+    if key in gae_res and "time_ms" in gae_res[key]["rlhf_fast"] and "time_ms" in gae_res[key]["torch"]:
+        s = gae_res[key]["torch"]["time_ms"] / gae_res[key]["rlhf_fast"]["time_ms"]
+        print(f"TARGET gae 256x1024 >= {GAE_TARGET_SPEEDUP:.0f}x the Python loop: {s:.1f}x -> "
+              f"{'met' if s >= GAE_TARGET_SPEEDUP else 'NOT met'}")
+    print(f"TARGET gae {bw_B}x{bw_T} bandwidth >= {GAE_TARGET_COPY_FRACTION:.0%} of copy_ of the same bytes: "
+          f"{copy_fraction:.0%} with out= (gae {_gbs(nbytes, ours) or float('nan'):.2f} GB/s, copy_ "
+          f"{_gbs(nbytes, copy) or float('nan'):.2f} GB/s) -> "
+          f"{'met' if copy_fraction >= GAE_TARGET_COPY_FRACTION else 'NOT met'}; "
+          f"with fresh outputs {fresh_fraction:.0%} ({_gbs(nbytes, fresh) or float('nan'):.2f} GB/s)")
+    append_rows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
