@@ -16,7 +16,10 @@ autograd/AdamW/sdpa warm-up before re-marking the baseline, so per-process runti
   response, divided by the temperature, per-token log-probs as gather - logsumexp (TRL's
   selective_log_softmax), entropy from softmax(logits) as TRL logs it.
 - "rlhf_fast": PolicyValueModel(critic="shared", reference="frozen", reference_dtype=bf16): one backbone,
-  fp32 value head, log-probs and entropy from fused_linear_logprobs on the hidden states.
+  fp32 value head, log-probs and entropy from fused_linear_logprobs on the hidden states. The 0.6x
+  target is on this row.
+- "rlhf_fast_lora" (V=32000 only, for information): the same with reference="lora" (peft defaults r=8,
+  all linear layers but the LM head): AdamW state only for the adapters, no reference copy.
 
 Beside the measured peak we print the static bytes rlhf_fast.memory predicts (parameters + gradients +
 AdamW state); the difference is activations, logits and allocator overhead.
@@ -142,12 +145,13 @@ def side_trl(vocab: int, B: int, R: int, device: str = "cpu", steps: int = 2) ->
     return {**stats, "predicted_static_bytes": predicted.total}
 
 
-def side_ours(vocab: int, B: int, R: int, device: str = "cpu", steps: int = 2) -> dict:
+def side_ours(vocab: int, B: int, R: int, device: str = "cpu", steps: int = 2, reference: str = "frozen") -> dict:
     _warm_runtime(device)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(vocab), attn_implementation="sdpa").to(device)
-    pv = PolicyValueModel(model, reference="frozen", reference_dtype=torch.bfloat16, critic="shared",
-                          vf_coef=VF_COEF, temperature=TEMPERATURE)
+    ref_kwargs = {"reference_dtype": torch.bfloat16} if reference == "frozen" else {}
+    pv = PolicyValueModel(model, reference=reference, critic="shared", vf_coef=VF_COEF, temperature=TEMPERATURE,
+                          **ref_kwargs)
     opt = torch.optim.AdamW(pv.trainable_parameters(), lr=1e-5)
     ids, mask, P, adv, returns = make_batch(B, R, vocab, device)
     valid = mask[:, P:].float()
@@ -180,6 +184,9 @@ def main(argv=None) -> list[dict]:
             "trl": run_isolated("benchmarks.bench_memory_layout:side_trl", vocab=vocab, B=B, R=R, device=args.device),
             "rlhf_fast": run_isolated("benchmarks.bench_memory_layout:side_ours", vocab=vocab, B=B, R=R, device=args.device),
         }
+        if vocab == 32000 and B == 8:
+            res["rlhf_fast_lora"] = run_isolated("benchmarks.bench_memory_layout:side_ours", vocab=vocab, B=B, R=R,
+                                                 device=args.device, reference="lora")
         shape = f"V={vocab} B={B} P=4-12 R={R}"
         for provider, r in res.items():
             pred = r.get("predicted_static_bytes")
@@ -201,6 +208,11 @@ def main(argv=None) -> list[dict]:
               f"-> ours/trl = {mem_ratio} (target <= 0.6); predicted static: trl "
               f"{t['predicted_static_bytes'] / mib:.1f} MiB, ours {o['predicted_static_bytes'] / mib:.1f} MiB; "
               f"time ours/trl = {time_ratio}")
+        lora = res.get("rlhf_fast_lora")
+        if lora and "mem_bytes" in lora:
+            print(f"    (info) reference='lora': {lora['mem_bytes'] / mib:.1f} MiB -> "
+                  f"{ratio(lora['mem_bytes'], t['mem_bytes'])} of trl; predicted static "
+                  f"{lora['predicted_static_bytes'] / mib:.1f} MiB")
     append_rows(rows)
     return rows
 
