@@ -99,7 +99,9 @@ void value_loss_fwd_f32(const float* values, const float* old_values, const floa
       if (!mask[o + t]) continue;
       const float v = values[o + t], v_old = old_values[o + t], ret = returns[o + t];
       const float delta = v - v_old;
-      const float v_clipped = v_old + clampf(delta, -clip, clip);
+      // clamp V itself (not V_old + clamp(delta)): inside the range it returns V exactly, so rounding
+      // can never make the clipped branch look larger (TRL clamps V the same way).
+      const float v_clipped = std::fmin(std::fmax(v, v_old - clip), v_old + clip);
       const float err_u = (v - ret) * (v - ret);
       const float err_c = (v_clipped - ret) * (v_clipped - ret);
       const bool clip_on = err_c > err_u;
@@ -126,7 +128,9 @@ void value_loss_bwd_f32(const float* values, const float* old_values, const floa
     for (int64_t t = 0; t < T; ++t) {
       const float v = values[o + t], v_old = old_values[o + t], ret = returns[o + t];
       const float delta = v - v_old;
-      const float v_clipped = v_old + clampf(delta, -clip, clip);
+      // clamp V itself (not V_old + clamp(delta)): inside the range it returns V exactly, so rounding
+      // can never make the clipped branch look larger (TRL clamps V the same way).
+      const float v_clipped = std::fmin(std::fmax(v, v_old - clip), v_old + clip);
       const float err_u = (v - ret) * (v - ret);
       const float err_c = (v_clipped - ret) * (v_clipped - ret);
       // Clipped branch: d V_clip / d V = 1 inside the closed clamp interval, else 0.

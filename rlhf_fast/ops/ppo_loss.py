@@ -192,7 +192,8 @@ def value_loss_reference(
     paths accept NaN there)."""
     m = mask.bool()
     v, v_old, ret = values.float(), old_values.float(), returns.float()
-    v_clipped = v_old + torch.clamp(v - v_old, -clip, clip)
+    # Clamp V itself: inside the range this is V exactly (V_old + clamp(V - V_old) can round).
+    v_clipped = torch.minimum(torch.maximum(v, v_old - clip), v_old + clip)
     err_unclipped = (v - ret) ** 2
     err_clipped = (v_clipped - ret) ** 2
     loss_mat = 0.5 * torch.maximum(err_unclipped, err_clipped)
@@ -310,7 +311,7 @@ def _value_fwd_kernel(
         v_old = tl.load(vold_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         ret = tl.load(ret_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         delta = v - v_old
-        v_clipped = v_old + tl.minimum(tl.maximum(delta, -clip), clip)
+        v_clipped = tl.minimum(tl.maximum(v, v_old - clip), v_old + clip)  # exact inside the range
         err_u = (v - ret) * (v - ret)
         err_c = (v_clipped - ret) * (v_clipped - ret)
         loss = 0.5 * tl.maximum(err_u, err_c)
@@ -345,7 +346,7 @@ def _value_bwd_kernel(
         v_old = tl.load(vold_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         ret = tl.load(ret_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         delta = v - v_old
-        v_clipped = v_old + tl.minimum(tl.maximum(delta, -clip), clip)
+        v_clipped = tl.minimum(tl.maximum(v, v_old - clip), v_old + clip)  # exact inside the range
         err_u = (v - ret) * (v - ret)
         err_c = (v_clipped - ret) * (v_clipped - ret)
         in_range = tl.abs(delta) <= clip
