@@ -402,3 +402,18 @@ def test_non_finite_valid_input_is_rejected_on_cpu(backend):
         value_loss(x, x, bad, m, backend=backend)
     m[1, 2] = 0  # the same NaN at a masked-out position is fine
     assert ppo_policy_loss(x, x, bad, m, backend=backend)[0].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_value_clipfrac_is_exactly_zero_when_every_value_is_inside_the_clip_range(backend):
+    """V_old + clamp(V - V_old) rounds; clamping V itself does not, so no in-range token counts as clipped."""
+    if backend == "cpp" and not _backend.HAS_EXT:
+        pytest.skip("extension not built")
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(64, 128, generator=g) * 3
+    v_old = v + torch.randn(64, 128, generator=g) * 0.1
+    ret = torch.randn(64, 128, generator=g) * 3
+    mask = torch.ones(64, 128, dtype=torch.bool)
+    loss, clipfrac = value_loss(v, v_old, ret, mask, clip=100.0, backend=backend)
+    assert clipfrac.item() == 0.0
+    assert loss.item() == pytest.approx(0.5 * ((v - ret) ** 2).mean().item(), rel=1e-5)
