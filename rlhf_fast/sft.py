@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,7 +278,9 @@ def run_training_loop(
                     f"{stage}: non-finite loss or gradient at {history['skipped_nonfinite_steps']} steps (last: step "
                     f"{step}); stopping before any weights are saved. Lower learning_rate or check the data"
                 )
-            scheduler.step()
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended on a skip
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             bar.update(1)
             continue
         optimizer.step()
