@@ -68,13 +68,14 @@ def side(op: str, provider: str, B: int, T: int, device: str = "cpu", dtype: str
         if provider == "torch":  # the Python loop is slow at long T: fewer repeats there
             repeats, warmup = (3, 1) if T >= 4096 else (5, 1)
     elif op == "gae_out":  # preallocated outputs, like the copy_ it is compared with
-        bufs = (torch.empty(B, T, device=device), torch.empty(B, T, device=device))
+        # zeros, not empty: touched now, so their pages count as inputs, not as the op's memory
+        bufs = (torch.zeros(B, T, device=device), torch.zeros(B, T, device=device))
         fn = lambda: gae(x, y, mask, 0.99, 0.95, out=bufs)  # noqa: E731
     elif op == "copy":
         # Same bytes moved as the GAE scan: read and write GAE_BYTES_PER_TOKEN / 2 per token.
         nbytes = B * T * GAE_BYTES_PER_TOKEN // 2
         src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
+        dst = torch.zeros_like(src)
         fn = lambda: dst.copy_(src)  # noqa: E731
     elif op == "whiten":
         fn = (lambda: masked_whiten(x, mask)) if provider == "rlhf_fast" else (lambda: masked_whiten_reference(x, mask))

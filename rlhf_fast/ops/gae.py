@@ -20,7 +20,13 @@ from typing import NamedTuple
 import torch
 
 from rlhf_fast._backend import dispatch, ext, should_check_values
-from rlhf_fast.ops._checks import check_finite, check_floating, check_mask, check_same_shape, check_unit_interval
+from rlhf_fast.ops._checks import (
+    check_finite,
+    check_floating,
+    check_mask,
+    check_same_shape,
+    check_unit_interval,
+)
 from rlhf_fast.ops._triton import KernelSpec, tl, triton
 
 
