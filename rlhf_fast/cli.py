@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rlhf_fast.config import ConfigError
     from rlhf_fast.data import DatasetFormatError
-    from rlhf_fast.stage_io import StageNotFinishedError
+    from rlhf_fast.stage_io import StageNotFinishedError, StageOutputError
 
-    return ConfigError, DatasetFormatError, StageNotFinishedError, FileNotFoundError
+    return ConfigError, DatasetFormatError, StageNotFinishedError, StageOutputError, FileNotFoundError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -294,15 +294,21 @@ class PreferenceExample(NamedTuple):
 
 def _tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], templated: list[bool],
                     max_length: int, max_prompt_length: int | None) -> list[SFTExample]:
-    # Batched calls (Rust, parallel); the BOS/EOS handling is per row only where chat templates differ.
-    p_plain = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    p_raw = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    # Batched calls (Rust, parallel). A templated prompt already holds its special tokens; a plain one
+    # gets whatever the tokenizer adds (e.g. BOS).
+    plain_idx = [i for i, t in enumerate(templated) if not t]
+    tmpl_idx = [i for i, t in enumerate(templated) if t]
+    prompt_ids: list = [None] * len(prompts)
+    for idx, add_special in ((plain_idx, True), (tmpl_idx, False)):
+        if idx:
+            for i, ids in zip(idx, tokenizer([prompts[i] for i in idx], add_special_tokens=add_special)["input_ids"]):
+                prompt_ids[i] = ids
+    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
     eos = tokenizer.eos_token_id
     max_prompt = max_prompt_length if max_prompt_length is not None else max_length // 2
     out = []
     for i in range(len(prompts)):
-        p = list(p_raw[i] if templated[i] else p_plain[i])
+        p = list(prompt_ids[i])
         r = list(r_ids[i])
         if not templated[i] and eos is not None and (not r or r[-1] != eos):
             r.append(eos)
@@ -383,7 +389,7 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     T = int(lengths.max()) if len(seqs) else 0
     T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    flat = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs]) if len(seqs) else torch.zeros(0, dtype=torch.long)
     pos = torch.arange(T).expand(len(seqs), T)
     if side == "right":
         mask = pos < lengths[:, None]

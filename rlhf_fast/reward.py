@@ -162,7 +162,7 @@ def evaluate_reward_model(model: nn.Module, examples: list[PreferenceExample], p
                           use_margin: bool = True, bf16: bool = False) -> dict:
     """Held-out {"accuracy", "loss", "margin_mean" (mean r_c − r_r), "pairs"} over ``examples``."""
     if not examples:
-        return {"accuracy": float("nan"), "loss": float("nan"), "margin_mean": float("nan"), "pairs": 0}
+        return {"accuracy": None, "loss": None, "margin_mean": None, "pairs": 0}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Literal, NamedTuple
 import torch
 from torch import nn
 
-from rlhf_fast.config import config_to_dict
+from rlhf_fast.config import ConfigError, config_to_dict
 from rlhf_fast.data import (
     Rows,
     SFTExample,
@@ -139,9 +139,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available on this machine; use device=auto or cpu")
+        raise ConfigError(f"device={device!r} but CUDA is not available on this machine; use device=auto or cpu")
     return dev
 
 
@@ -335,7 +335,7 @@ def evaluate_sft_loss(model: nn.Module, examples: list[SFTExample], pad_id: int,
                       chunk_size: int | None = None, bf16: bool = False) -> dict:
     """Mean negative log-likelihood per response token over ``examples`` ({"loss", "tokens"})."""
     if not examples:
-        return {"loss": float("nan"), "tokens": 0}
+        return {"loss": None, "tokens": 0}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "COMPLETE_MARKER", "StageDirectory", "StageNotFinishedError", "is_finished_stage", "read_stage_summary",
+    "COMPLETE_MARKER", "StageDirectory", "StageNotFinishedError", "StageOutputError", "is_finished_stage", "read_stage_summary",
     "require_finished_stage", "save_stage",
 ]
 
@@ -35,6 +35,10 @@ COMPLETE_MARKER = "COMPLETE"
 
 class StageNotFinishedError(ValueError):
     """A stage input directory is missing, or was never marked COMPLETE."""
+
+
+class StageOutputError(ValueError):
+    """A stage's output_dir cannot be used (a file, or a non-empty directory that is not a stage's output)."""
 
 
 def is_finished_stage(path: str | os.PathLike) -> bool:
@@ -86,10 +90,10 @@ def _check_replaceable(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise ValueError(f"output_dir {str(out)!r} exists and is a file; choose a directory path")
+        raise StageOutputError(f"output_dir {str(out)!r} exists and is a file; choose a directory path")
     if is_finished_stage(out) or not any(out.iterdir()):
         return
-    raise ValueError(
+    raise StageOutputError(
         f"output_dir {str(out)!r} exists, is not empty and is not a finished stage directory (no "
         f"{COMPLETE_MARKER} marker); refusing to replace it. Choose a new output_dir or remove that directory"
     )

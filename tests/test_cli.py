@@ -118,3 +118,11 @@ def test_module_entry_point_runs():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["sft"]["seed"] == 7
+
+
+def test_output_dir_that_is_not_a_stage_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert cli.main(["sft", f"output_dir={tmp_path}", "device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "refusing to replace it" in err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

@@ -14,6 +14,7 @@ from rlhf_fast.stage_io import (
     COMPLETE_MARKER,
     StageDirectory,
     StageNotFinishedError,
+    StageOutputError,
     require_finished_stage,
     save_stage,
 )
@@ -77,7 +78,7 @@ def test_finished_stage_is_replaced_by_the_next_run(tmp_path, make_tiny_lm, tiny
 
 def test_refuses_to_replace_a_directory_that_is_not_a_stage(tmp_path):
     (tmp_path / "notes.txt").write_text("precious")
-    with pytest.raises(ValueError, match="not a finished stage directory .* refusing to replace it"):
+    with pytest.raises(StageOutputError, match="not a finished stage directory .* refusing to replace it"):
         StageDirectory(tmp_path)
     StageDirectory(tmp_path / "empty_or_new")  # fine
 
