@@ -118,7 +118,7 @@ def test_cpp_matches_reference(B, T, dtype, gamma, lam, with_bootstrap):
 
 @needs_ext
 def test_cpp_matches_reference_large():
-    _check("cpp", 130, 600, torch.float32, 0.99, 0.95, True)  # OpenMP path (B·T > 65536)
+    _check("cpp", 1040, 1024, torch.float32, 0.99, 0.95, True)  # OpenMP path (B·T >= 2^20)
 
 
 @pytest.mark.interpret
