@@ -19,11 +19,11 @@ dataset) print one line ``rlhf-fast <command>: error: ...`` and exit with status
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import importlib
 import sys
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 __all__ = ["register_command", "register_stage_command", "build_parser", "main", "COMMANDS"]
 

@@ -26,8 +26,9 @@ import hashlib
 import math
 import random
 import re
+from collections.abc import Iterable, Sequence
 from importlib import resources
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 __all__ = [
     "TARGET_WORDS", "DEMO_SPECIAL_TOKENS", "words", "gold_reward", "gold_prefers", "preference_probability",

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from rlhf_fast.data import pad_sequences
-from rlhf_fast.reward import RewardConfig, bradley_terry_loss, load_reward_model, sequence_scores, train_reward_model
+from rlhf_fast.reward import (
+    RewardConfig,
+    bradley_terry_loss,
+    load_reward_model,
+    sequence_scores,
+    train_reward_model,
+)
 from rlhf_fast.stage_io import StageNotFinishedError, require_finished_stage, save_stage
 
 
