@@ -1,4 +1,4 @@
-"""Fused LM-head log-probs, forward + backward: naive log_softmax vs per-row logsumexp vs Liger
+"""Fused LM-head log-probs, forward + backward (and forward-only reference passes): naive log_softmax vs per-row logsumexp vs Liger
 (GPU) vs ours; time, memory beyond inputs and weights, achieved GFLOP/s.
 
     python -m benchmarks.bench_logprobs [--full] [--big] [--device cuda]
@@ -34,22 +34,24 @@ def mem_available_bytes() -> int:
 
 
 def side(provider: str, N: int, H: int, V: int, device: str = "cpu", dtype: str = "float32",
-         warmup: int = 1, repeats: int = 3) -> dict:
+         warmup: int = 1, repeats: int = 3, mode: str = "fwd+bwd") -> dict:
+    """One provider, one shape. mode: "fwd+bwd" (policy pass) or "fwd" (reference pass, no grad)."""
     import torch
 
     tdtype = getattr(torch, dtype)
-    need = NV_COPIES[provider] * N * V * 4
+    need = (NV_COPIES[provider] if mode == "fwd+bwd" else 2) * N * V * 4 * bool(NV_COPIES[provider])
     if device == "cpu" and need:
         avail = mem_available_bytes()
         if need > avail:
-            return {"error": f"refused: would need {need / 1e9:.1f} GB ({NV_COPIES[provider]} fp32 [N, V] copies) "
+            return {"error": f"refused: would need {need / 1e9:.1f} GB ({need // (N * V * 4)} fp32 [N, V] copies) "
                              f"> available {avail / 1e9:.1f} GB"}
     fn_loss = _provider_fn(provider, device)
     if isinstance(fn_loss, str):
         return {"error": fn_loss}
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(N, H, generator=g).to(device=device, dtype=tdtype).requires_grad_(True)
-    w = (torch.randn(V, H, generator=g) / H**0.5).to(device=device, dtype=tdtype).requires_grad_(True)
+    train = mode == "fwd+bwd"
+    h = torch.randn(N, H, generator=g).to(device=device, dtype=tdtype).requires_grad_(train)
+    w = (torch.randn(V, H, generator=g) / H**0.5).to(device=device, dtype=tdtype).requires_grad_(train)
     y = torch.randint(0, V, (N,), generator=g)
     y[torch.rand(N, generator=g) < 0.1] = -100
     y = y.to(device)
@@ -61,13 +63,18 @@ def side(provider: str, N: int, H: int, V: int, device: str = "cpu", dtype: str 
         h.grad = None
         w.grad = None
         t0 = time.process_time()
-        fn_loss(h, w, y, up).backward()
+        if train:
+            fn_loss(h, w, y, up).backward()
+        else:
+            with torch.no_grad():
+                fn_loss(h, w, y, up)
         cpu_times.append((time.process_time() - t0) * 1e3)
 
-    step()  # first call outside the baseline: lazy init (MKL, kernels) is not the op's memory
-    h.grad = None
-    w.grad = None
-    cpu_times.clear()
+    if warmup + repeats > 1:  # one call outside the baseline: lazy init (MKL, kernels) is not the op's memory
+        step()  # (skipped for single-shot big cases, where it would double a minutes-long run)
+        h.grad = None
+        w.grad = None
+        cpu_times.clear()
     mark_baseline(device)  # memory beyond inputs and weights
     out = time_fn(step, warmup=warmup, repeats=repeats, device=device)
     # CPU seconds of this process (all threads): robust to other jobs sharing the cores, unlike wall time
@@ -102,9 +109,9 @@ def _provider_fn(provider: str, device: str):
             return "skipped: liger-kernel not installed"
 
         def loss(h, w, y, up):
-            # per-token CE (reduction none) = -logp; Liger's grad is computed in its forward
-            ce = liger_fused_linear_cross_entropy(h, w, y, reduction="none", ignore_index=-100)
-            return (-ce.float() * up).sum()
+            # Liger computes its gradient inside the forward for a scalar loss, so per-token upstream
+            # gradients cannot be applied: this side runs the summed loss (same matmul work).
+            return liger_fused_linear_cross_entropy(h, w, y, reduction="sum", ignore_index=-100)
         return loss
     if provider == "rlhf_fast":
         from rlhf_fast.ops import fused_linear_logprobs
@@ -122,24 +129,26 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
-    shapes = [(4096, 512, 32000, 0, 3)]  # N, H, V, warmup, repeats (side() already ran one untimed step)
+    # N, H, V, warmup, repeats (side() already ran one untimed step), mode
+    shapes = [(4096, 512, 32000, 0, 3, "fwd+bwd"), (4096, 512, 32000, 0, 3, "fwd")]
     if args.full:
-        shapes = [(4096, 4096, 32000, 2, 10), (8192, 4096, 128256, 1, 5), (4096, 4096, 152064, 1, 5)]
+        shapes = [(4096, 4096, 32000, 2, 10, "fwd+bwd"), (8192, 4096, 128256, 1, 5, "fwd+bwd"),
+                  (4096, 4096, 152064, 1, 5, "fwd+bwd"), (8192, 4096, 152064, 1, 5, "fwd")]
     if args.big or args.full:
-        shapes.append((16384, 512, 152064, 0, 1))
+        shapes.append((16384, 512, 152064, 0, 1, "fwd+bwd"))
     rows = []
-    for N, H, V, warmup, repeats in shapes:
+    for N, H, V, warmup, repeats, mode in shapes:
         res = {p: run_isolated("benchmarks.bench_logprobs:side", provider=p, N=N, H=H, V=V, device=args.device,
-                               dtype=args.dtype, warmup=warmup, repeats=repeats) for p in PROVIDERS}
+                               dtype=args.dtype, warmup=warmup, repeats=repeats, mode=mode) for p in PROVIDERS}
         for p, r in res.items():
-            flops = (4 if p == "rlhf_fast" else 3) * 2 * N * H * V
+            flops = ((4 if p == "rlhf_fast" else 3) if mode == "fwd+bwd" else 1) * 2 * N * H * V
             gflops = flops / (r["time_ms"] * 1e-3) / 1e9 if "time_ms" in r else None
             note = f"cpu {r['cpu_ms'] / 1e3:.2f} s" if "cpu_ms" in r else ""
-            rows.append(make_row("logprobs", "fused_linear_logprobs fwd+bwd", f"N={N} H={H} V={V}", args.dtype, p, r,
+            rows.append(make_row("logprobs", f"fused_linear_logprobs {mode}", f"N={N} H={H} V={V}", args.dtype, p, r,
                                  args.device, gflops, "GFLOP/s", note=note))
-            print(f"[N={N} H={H} V={V}] {p}: {r}")
+            print(f"[{mode} N={N} H={H} V={V}] {p}: {r}")
         ours, naive = res["rlhf_fast"], res["naive"]
-        print(f"[N={N} H={H} V={V}] time ours/naive = {ratio(ours.get('time_ms'), naive.get('time_ms'))} "
+        print(f"[{mode} N={N} H={H} V={V}] time ours/naive = {ratio(ours.get('time_ms'), naive.get('time_ms'))} "
               f"(target <= 1.15), memory ours/naive = {ratio(ours.get('mem_bytes'), naive.get('mem_bytes'))} "
               f"(target <= 0.125), cpu-time ours/naive = {ratio(ours.get('cpu_ms'), naive.get('cpu_ms'))}, "
               f"time ours/logsumexp = {ratio(ours.get('time_ms'), res['logsumexp'].get('time_ms'))}")

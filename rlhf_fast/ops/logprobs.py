@@ -14,6 +14,11 @@ Backends: Triton (CUDA) fuses matmul + online log-sum-exp + gather + entropy ove
 forward and recomputes logits tiles into a [chunk, V] grad_logits buffer in backward (then two
 matmuls per chunk); C++ (CPU) runs torch.mm (MKL) into one reused [chunk, V] fp32 buffer and an
 OpenMP row pass; "torch" is the same chunking with the row pass in torch ops.
+
+Work and traffic (what benchmarks compare against): forward 2NHV flops, backward 6NHV (logits
+recomputed, then grad_hidden and grad_weight), i.e. one matmul more than a materialising
+implementation's 3 x 2NHV. HBM bytes, Triton forward: h once plus W once per 64-row block
+(ceil(N/64) * V * H elements; L2 serves most re-reads), outputs 12N. No [N, V] traffic anywhere.
 """
 from __future__ import annotations
 

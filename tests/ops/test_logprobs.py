@@ -140,6 +140,16 @@ def test_entropy_only_gradient_and_leading_dims(backend):
     assert_close(hg.grad, hr.grad)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch(backend):
+    h = torch.randn(2, 0, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    lp, ent = fused_linear_logprobs(h, w, torch.zeros(2, 0, dtype=torch.long), return_entropy=True, backend=backend)
+    assert lp.shape == (2, 0) and ent.shape == (2, 0)
+    (lp.sum() + ent.sum()).backward()
+    assert h.grad.shape == h.shape and torch.equal(w.grad, torch.zeros(10, 8))
+
+
 def test_default_chunk_size():
     assert default_chunk_size(16384, 152064, torch.device("cpu")) * 152064 <= 1 << 24
     assert default_chunk_size(3, 32000, torch.device("cpu")) == 3
