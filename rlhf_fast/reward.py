@@ -45,6 +45,7 @@ from rlhf_fast.sft import (
     check_training_fields,
     resolve_device,
     run_training_loop,
+    set_activation_checkpointing,
 )
 from rlhf_fast.stage_io import StageDirectory, StageNotFinishedError, require_finished_stage
 
@@ -288,8 +289,7 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
     eval_ex = tokenize_preference_rows(eval_rows, tokenizer, **tok_kw) if eval_rows.rows else []
     model.to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        set_activation_checkpointing(model, True)
     pad_id = tokenizer.pad_token_id
     lengths = [max(len(e.chosen_ids), len(e.rejected_ids)) for e in train_ex]
 
@@ -316,8 +316,7 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
             metrics.close()
         model.eval()
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
-            model.config.use_cache = True
+            set_activation_checkpointing(model, False)
         summary = {
             "train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "steps": hist["steps"],
             "train_loss": hist["train_loss"],

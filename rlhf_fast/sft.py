@@ -199,6 +199,17 @@ def batch_stream(lengths: list[int], batch_size: int, seed: int) -> Iterator[lis
         epoch += 1
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn recomputation of activations in backward on/off (transformers 5 name, else the 4.x one).
+
+    The KV cache is off while it is on (transformers warns and disables it anyway).
+    """
+    suffix = "enable" if enabled else "disable"
+    fn = getattr(model, f"activation_checkpointing_{suffix}", None) or getattr(model, f"gradient_checkpointing_{suffix}")
+    fn()
+    model.config.use_cache = not enabled
+
+
 def autocast_context(device: torch.device, bf16: bool):
     if not bf16:
         return nullcontext()
@@ -424,8 +435,7 @@ def train_sft(cfg: SFTConfig, model: nn.Module | None = None, tokenizer=None, tr
     eval_ex = tokenize_sft_rows(eval_rows, tokenizer, **tok_kw) if eval_rows.rows else []
     model.to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        set_activation_checkpointing(model, True)
     backbone, head = get_backbone(model), get_lm_head(model)
     pad_id = tokenizer.pad_token_id
     lengths = [len(e.prompt_ids) + len(e.response_ids) for e in train_ex]
@@ -452,8 +462,7 @@ def train_sft(cfg: SFTConfig, model: nn.Module | None = None, tokenizer=None, tr
             metrics.close()
         model.eval()
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
-            model.config.use_cache = True
+            set_activation_checkpointing(model, False)
         summary = {
             "train_examples": len(train_ex), "eval_examples": len(eval_ex), "steps": hist["steps"],
             "train_loss": hist["train_loss"], "initial_eval_loss": hist["initial_eval"]["loss"],

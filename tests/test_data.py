@@ -231,3 +231,13 @@ def test_length_grouped_batches_cover_everything_and_cut_padding():
     assert padding(batches) < 0.1 * padding(naive)
     ordered = length_grouped_batches(lengths, 8, shuffle=False)
     assert [lengths[b[0]] for b in ordered] == sorted((lengths[b[0]] for b in ordered), reverse=True)
+
+
+def test_save_to_disk_directory(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(PREF_ROWS).save_to_disk(str(tmp_path / "ds"))
+    assert load_preference_rows(tmp_path / "ds").rows == PREF_ROWS
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DatasetFormatError, match="not a datasets.save_to_disk directory"):
+        load_rows(tmp_path / "plain")

@@ -137,3 +137,13 @@ def test_bad_dataset_path_names_the_file(tmp_path, make_tiny_lm, tiny_tokenizer)
     with pytest.raises(ValueError, match=rf"{bad} line 2: an SFT row needs columns 'prompt' and 'response'"):
         train_sft(quiet_config(tmp_path, dataset=str(bad), max_steps=1), model=make_tiny_lm(), tokenizer=tiny_tokenizer)
     assert not (tmp_path / "sft").exists()
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, make_tiny_lm, tiny_tokenizer):
+    rows = [{"prompt": "The function", "response": " returns a value"}] * 8
+    cfg = quiet_config(tmp_path, max_steps=2, bf16=True, gradient_checkpointing=True, eval_fraction=0.25)
+    result = train_sft(cfg, model=make_tiny_lm(), tokenizer=tiny_tokenizer, train_dataset=rows)
+    assert math.isfinite(result.metrics["train_loss"]) and math.isfinite(result.metrics["final_eval_loss"])
+    assert next(result.model.parameters()).dtype == torch.float32  # autocast only; weights stay fp32
+    assert result.model.config.use_cache is True
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in result.model.modules())
