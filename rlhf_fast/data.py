@@ -406,6 +406,8 @@ def collate_sft(examples: Sequence[SFTExample], pad_id: int, pad_to_multiple_of:
 
     labels[b, t] = input_ids[b, t + 1] when position t + 1 is a response token, else -100 (so the
     hidden state at t is scored against the token it predicts; prompt and padding carry no loss).
+    Also ``label_positions`` int64 [N]: flat indices b * T + t of the labelled positions (row-major),
+    and ``target_ids`` int64 [N]: their labels.
     """
     seqs = [e.prompt_ids + e.response_ids for e in examples]
     ids, mask = pad_sequences(seqs, pad_id, "right", pad_to_multiple_of)
@@ -416,4 +418,8 @@ def collate_sft(examples: Sequence[SFTExample], pad_id: int, pad_to_multiple_of:
     is_response = (target_pos >= prompt_len[:, None]) & (target_pos < total_len[:, None])
     next_ids = torch.cat([ids[:, 1:], torch.full((len(seqs), 1), pad_id, dtype=torch.long)], dim=1)
     labels = torch.where(is_response, next_ids, torch.full_like(ids, -100))
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # Computed here, on the host: boolean-mask indexing on a GPU would need a device->host sync
+    # per micro-batch to learn N.
+    label_positions = is_response.flatten().nonzero().squeeze(-1)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "label_positions": label_positions, "target_ids": labels.flatten()[label_positions]}

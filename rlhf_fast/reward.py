@@ -300,7 +300,8 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
         loss = bradley_terry_loss(rc, rr, margins if cfg.use_margin else None, reduction="sum")
         if cfg.center_rewards_coefficient:
             loss = loss + cfg.center_rewards_coefficient * ((rc + rr) ** 2).sum()
-        return loss, int(mask.sum()), len(indices)
+        tokens = sum(len(train_ex[i].chosen_ids) + len(train_ex[i].rejected_ids) for i in indices)  # host-side count
+        return loss, tokens, len(indices)
 
     def evaluate():
         return evaluate_reward_model(model, eval_ex, pad_id, cfg.per_device_eval_batch_size, cfg.use_margin, cfg.bf16)

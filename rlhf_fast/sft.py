@@ -334,11 +334,15 @@ def response_logprobs(backbone: nn.Module, lm_head: nn.Module, batch: dict[str, 
     Only the N positions that predict a response token reach the LM head (via the fused op).
     """
     hidden = backbone_hidden(backbone, batch["input_ids"], batch["attention_mask"])
-    labels = batch["labels"]
-    selected = labels != -100
-    h = hidden[selected]
+    if "label_positions" in batch:  # from collate_sft: no device->host sync to find N
+        positions, targets = batch["label_positions"], batch["target_ids"]
+    else:
+        selected = (batch["labels"] != -100).flatten()
+        positions = selected.nonzero().squeeze(-1)
+        targets = batch["labels"].flatten()[positions]
+    h = hidden.flatten(0, 1).index_select(0, positions)
     h = h.to(lm_head.weight.dtype)  # under bf16 autocast the head still runs in the weight's dtype
-    logp, _ = fused_linear_logprobs(h, lm_head.weight, labels[selected], bias=lm_head.bias, chunk_size=chunk_size)
+    logp, _ = fused_linear_logprobs(h, lm_head.weight, targets, bias=lm_head.bias, chunk_size=chunk_size)
     return logp
 
 
@@ -443,7 +447,8 @@ def train_sft(cfg: SFTConfig, model: nn.Module | None = None, tokenizer=None, tr
     def micro_loss(indices):
         batch = {k: v.to(device, non_blocking=True) for k, v in collate_sft([train_ex[i] for i in indices], pad_id).items()}
         logp = response_logprobs(backbone, head, batch, cfg.logprob_chunk_size)
-        return -logp.sum(), int(batch["attention_mask"].sum()), logp.numel()
+        tokens = sum(len(train_ex[i].prompt_ids) + len(train_ex[i].response_ids) for i in indices)  # host-side count
+        return -logp.sum(), tokens, logp.numel()
 
     def count_units(indices):
         return sum(len(train_ex[i].response_ids) for i in indices)

@@ -204,6 +204,8 @@ def test_collate_sft_labels_hand_worked():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     # position t is scored against token t+1 when t+1 is a response token
     assert batch["labels"].tolist() == [[-100, 7, 8, -100], [10, -100, -100, -100]]
+    assert batch["label_positions"].tolist() == [1, 2, 4]  # flat b * T + t, row-major
+    assert batch["target_ids"].tolist() == [7, 8, 10]
 
 
 def test_pad_sequences_left_and_right():

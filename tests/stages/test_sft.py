@@ -38,6 +38,9 @@ def test_response_logprobs_match_the_full_logits(make_tiny_lm, tiny_tokenizer):
             ref.append(torch.log_softmax(logits[b, t].float(), -1)[batch["input_ids"][b, t + 1]])
     assert logp.shape == (sum(len(e.response_ids) for e in examples),)
     torch.testing.assert_close(logp, torch.stack(ref), atol=1e-5, rtol=1e-5)
+    # a batch with labels only (no precomputed positions) gives the same values
+    labels_only = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    torch.testing.assert_close(response_logprobs(get_backbone(model), get_lm_head(model), labels_only), logp)
 
 
 def test_no_full_vocab_logits_over_all_positions(make_tiny_lm, tiny_tokenizer):
