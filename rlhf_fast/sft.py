@@ -10,8 +10,11 @@ accumulated batch), so gradient accumulation gives the same update as one big ba
 
 Training: AdamW (no weight decay on biases and norm weights), linear warmup then cosine / linear /
 constant decay, gradient-norm clipping, gradient accumulation, batches grouped by length, a tqdm bar,
-``metrics.jsonl`` (loss, lr, grad_norm, tokens/s, eval_loss) in the output directory, held-out loss
-before and after training. The output is a finished stage directory (see ``rlhf_fast.stage_io``).
+``metrics.jsonl`` in the output directory (every ``logging_steps``: loss, lr, grad_norm,
+tokens_per_s = non-padding tokens through the model per second since the last line; plus eval_loss
+lines), held-out loss before and after training (and every ``eval_steps``). A step with a
+non-finite loss or gradient norm is skipped (logged); more than ``max_nonfinite_steps`` of them stop
+the stage before anything is saved. The output is a finished stage directory (see ``rlhf_fast.stage_io``).
 """
 from __future__ import annotations
 
