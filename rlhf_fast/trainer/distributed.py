@@ -8,6 +8,7 @@ other way round.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -67,7 +68,29 @@ def wrap_model(model: nn.Module, args, device) -> nn.Module:
         for layer in decoder_layers(model.critic_backbone):
             fully_shard(layer)
     fully_shard(model)
+    # Generation and scoring call the HF model and its layers directly, not the root's forward.
+    # FSDP2 picks its root lazily at the first root forward and refuses layers that initialised
+    # first, so initialise from the root now (private API; stable across torch 2.6-2.13).
+    model._get_fsdp_state()._lazy_init()
     return model
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Gather an FSDP2 module's parameters for calls that bypass its forward hooks (a no-op otherwise)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
 
 
 def is_fsdp(trainer) -> bool:

@@ -219,14 +219,14 @@ def autocast_ctx(device: torch.device, bf16: bool, fp16: bool = False):
 
 def generate_rollout(model: PolicyValueModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
                      response_length: int, temperature: float, pad_token_id: int, stop_token_ids=(),
-                     seeds: torch.Tensor | None = None, chunk_size: int = 64) -> Rollout:
+                     seeds: torch.Tensor | None = None, chunk_size: int = 64, inference_mode: bool = True) -> Rollout:
     """Sample responses for left-padded prompts [B, P] in chunks of ``chunk_size`` rows; one Rollout for all."""
     parts = []
     for s in range(0, prompt_ids.shape[0], chunk_size):
         sl = slice(s, s + chunk_size)
         parts.append(generate(model.policy, prompt_ids[sl], prompt_mask[sl], response_length,
                               pad_token_id=pad_token_id, temperature=temperature, stop_token_ids=stop_token_ids,
-                              seeds=None if seeds is None else seeds[sl], trim=False))
+                              seeds=None if seeds is None else seeds[sl], trim=False, inference_mode=inference_mode))
     R = max(int(p.response_mask.sum(1).max()) if p.response_mask.numel() else 0 for p in parts)
     R = max(R, 1)
     responses = torch.cat([p.responses[:, :R] for p in parts])
@@ -375,6 +375,8 @@ class PPOTrainer:
         set_seed(args.seed)
         self.rank, self.world_size = self._dist_info()
         self.is_main = self.rank == 0
+        # Whitening statistics and token counts are global: reduce over every rank.
+        self.group = torch.distributed.group.WORLD if self.world_size > 1 else None
         self.device = torch.device("cpu") if args.use_cpu or not torch.cuda.is_available() else args.device
         if self.world_size > 1:
             self._limit_threads()
@@ -438,15 +440,20 @@ class PPOTrainer:
         self._compute_batch_sizes()
         self.sampler = PromptSampler(len(self.prompts), args.batch_size, args.seed, self.rank, self.world_size)
 
-        # ---- optimizer, scheduler, KL control
+        # ---- distributed wrapping (FSDP2 replaces parameters: before the optimizer sees them)
         self.optimizer, self.lr_scheduler = optimizers
+        if self.optimizer is not None and self.world_size > 1 and args.distributed_strategy == "fsdp2":
+            raise ValueError("with distributed_strategy='fsdp2' the optimizer must be built after sharding: "
+                             "pass optimizers=(None, None) or (None, scheduler_factory)")
+        self.ddp_model = self._wrap_distributed()
+
+        # ---- optimizer, scheduler, KL control
         if self.optimizer is None:
             self.optimizer = self._create_optimizer()
         if self.lr_scheduler is None:
             self.lr_scheduler = self._create_scheduler()
         self.kl_ctl = KLController(args.kl_controller, args.kl_coef, args.kl_target, args.kl_horizon)
         self.score_moments = RunningMoments()
-        self.ddp_model = self._wrap_distributed()
 
         # ---- callbacks, state, logging
         from transformers import TrainerControl
@@ -644,6 +651,13 @@ class PPOTrainer:
                              f"the model's context of {max_ctx} tokens: truncate prompts or lower response_length")
         return left_pad(seqs, self.pad_token_id, self.device)
 
+    def _full_params(self):
+        """Generation calls the HF model directly (not the wrapped forward): under FSDP2 gather the
+        root's sharded parameters for it; the decoder layers gather their own in their hooks."""
+        from rlhf_fast.trainer.distributed import unsharded
+
+        return unsharded(self.model) if self.world_size > 1 else contextlib.nullcontext()
+
     def _autocast(self):
         return autocast_ctx(self.device, bool(self.args.bf16), bool(self.args.fp16))
 
@@ -657,11 +671,12 @@ class PPOTrainer:
         self.model.eval()
         stop_ids = [self.stop_token_id] if self.stop_token_id is not None else []
         seeds = prompt_seeds(a.seed, indices, epoch)
-        with torch.inference_mode(), self._autocast():
+        fsdp = self.world_size > 1 and a.distributed_strategy == "fsdp2"
+        with self._full_params(), self._autocast():
             rollout = generate_rollout(self.model, prompt_ids, prompt_mask, response_length=a.response_length,
                                        temperature=a.temperature, pad_token_id=self.pad_token_id,
                                        stop_token_ids=stop_ids, seeds=seeds,
-                                       chunk_size=a.local_rollout_forward_batch_size)
+                                       chunk_size=a.local_rollout_forward_batch_size, inference_mode=not fsdp)
         t_gen = time.perf_counter()
         with torch.no_grad():
             scores = score_rollout(self.reward, self.tokenizer, rollout, prompt_mask).to(self.device)
@@ -671,7 +686,7 @@ class PPOTrainer:
                 scores = scores - a.missing_eos_penalty * (~contains_eos).float()
             raw_scores = scores
             if a.reward_norm:
-                self.score_moments.update(scores)
+                self.score_moments.update(scores, self.group)
                 scores = (scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)
             if a.reward_clip is not None:
                 scores = scores.clamp(-a.reward_clip, a.reward_clip)
@@ -686,7 +701,7 @@ class PPOTrainer:
         adv = compute_advantages(fwd, scores, rollout.response_mask, kl_coef=self.kl_ctl.value,
                                  kl_estimator=a.kl_estimator, gamma=a.gamma, lam=a.lam,
                                  whiten_rewards=a.whiten_rewards, whiten_advantages=a.whiten_advantages,
-                                 group=None)
+                                 group=self.group)
         t_fwd = time.perf_counter()
         stats, skipped = self._update(rollout, prompt_mask, fwd, adv)
         t_upd = time.perf_counter()

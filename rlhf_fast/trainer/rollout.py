@@ -95,7 +95,6 @@ def _forward_last(model, input_ids, attention_mask, position_ids, past):
     return out.logits[:, -1, :], out.past_key_values
 
 
-@torch.inference_mode()
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -107,6 +106,7 @@ def generate(
     stop_token_ids: list[int] | tuple[int, ...] = (),
     seeds: torch.Tensor | None = None,
     trim: bool = True,
+    inference_mode: bool = True,
 ) -> Rollout:
     """Sample responses for left-padded prompts with the model's KV cache.
 
@@ -114,8 +114,17 @@ def generate(
     seeds: int64 [B], one per prompt (use the global prompt index mixed with the run seed);
     None samples greedily. stop_token_ids: a row stops after emitting any of them; later tokens
     become ``pad_token_id`` and are masked. trim: drop trailing columns no row needs (the loop
-    exits early once every row has stopped, so R may be < max_new_tokens).
+    exits early once every row has stopped, so R may be < max_new_tokens). inference_mode: run under
+    ``torch.inference_mode`` (False: ``torch.no_grad``, needed when FSDP2 gathers parameters during
+    the decode, since inference tensors cannot be updated later).
     """
+    with torch.inference_mode() if inference_mode else torch.no_grad():
+        return _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, temperature,
+                         stop_token_ids, seeds, trim)
+
+
+def _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, temperature, stop_token_ids,
+              seeds, trim) -> Rollout:
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens (response_length) must be > 0, got {max_new_tokens}")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:

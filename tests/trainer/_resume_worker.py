@@ -33,10 +33,10 @@ class StopAfter(TrainerCallback):
 
 
 def build(out: Path, strategy: str = "ddp", world_size: int = 1, global_batch: int = 8, total_steps: int = 4,
-          callbacks=None) -> PPOTrainer:
+          callbacks=None, num_mini_batches: int = 2) -> PPOTrainer:
     args = PPOConfig(
         output_dir=str(out), use_cpu=True, bf16=False, per_device_train_batch_size=global_batch // (2 * world_size),
-        gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=2, total_episodes=global_batch * total_steps,
+        gradient_accumulation_steps=2, num_mini_batches=num_mini_batches, num_ppo_epochs=2, total_episodes=global_batch * total_steps,
         response_length=6, learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=1,
         report_to="none", num_sample_generations=0, kl_coef=0.05, kl_controller="adaptive", temperature=1.0,
         disable_tqdm=True, gradient_checkpointing=False, seed=11, distributed_strategy=strategy,
@@ -57,12 +57,13 @@ def main(argv=None):
     ap.add_argument("--stop-after", type=int, default=2)
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--mini", type=int, default=2, help="num_mini_batches")
     a = ap.parse_args(argv)
     init_from_env()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     out = Path(a.out)
     cbs = [StopAfter(a.stop_after)] if a.mode == "first" else None
-    tr = build(out / "run", a.strategy, world, a.global_batch, callbacks=cbs)
+    tr = build(out / "run", a.strategy, world, a.global_batch, callbacks=cbs, num_mini_batches=a.mini)
     tr.train(resume_from_checkpoint=True if a.mode == "resume" else None)
     from rlhf_fast.trainer.distributed import full_trainable_state
 

@@ -22,7 +22,7 @@ def run_worker(out, mode, *extra, nproc=1, timeout=600):
     if nproc == 1:
         cmd = [sys.executable, "-m", "tests.trainer._resume_worker", str(out), mode, *extra]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "tests.trainer._resume_worker", str(out), mode, *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
