@@ -594,8 +594,13 @@ class PPOTrainer:
         self._episodes_at_start = self.state.episode
         bar = tqdm(total=a.num_total_batches, initial=self.state.global_step, desc="PPO",
                    disable=a.disable_tqdm or not self.is_main, dynamic_ncols=True)
+        self._stop_signal = None
+        restore = self._install_signal_handlers()
         try:
             while self.state.global_step < a.num_total_batches:
+                if self._stop_requested():
+                    self._stop_gracefully()
+                    break
                 self.control = self.callback_handler.on_step_begin(a, self.state, self.control)
                 metrics = self.step()
                 bar.update(1)
@@ -609,12 +614,64 @@ class PPOTrainer:
                     self.generate_completions(sampling=True)
                 if self.control.should_training_stop:
                     break
+            else:
+                if self._stop_requested():
+                    self._stop_gracefully()
         finally:
+            restore()
             bar.close()
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)
         if self.control.should_save:
             self._save_checkpoint()
         self.logger.close()
+
+    # ------------------------------------------------------------------ SIGTERM / Ctrl-C
+    def _install_signal_handlers(self):
+        """SIGTERM / SIGINT during a step: finish the step, save it, stop. A second SIGINT interrupts."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            if self.is_main:
+                print(f"[rlhf_fast] {self._stop_signal} received: finishing the current step, then saving and "
+                      "stopping (Ctrl-C again to abort without saving)", flush=True)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+
+        def restore():
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+        return restore
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
+        return bool(all_reduce_sum(flag)[0] > 0)  # every rank stops at the same step
+
+    def _stop_gracefully(self) -> None:
+        """Save the last completed step (unless saving is off or nothing was completed) and end training."""
+        done = self.state.global_step
+        saved = False
+        if done > 0 and str(self.args.save_strategy) not in ("no", "SaveStrategy.NO"):
+            from rlhf_fast.trainer.checkpoint import list_checkpoints
+
+            existing = [p.name for p in list_checkpoints(self.args.output_dir)]
+            if f"checkpoint-{done}" not in existing:
+                self._save_checkpoint()
+            saved = True
+        self.control.should_training_stop = True
+        self.control.should_save = False
+        if self.is_main:
+            what = f"checkpoint-{done} saved" if saved else "nothing saved"
+            print(f"[rlhf_fast] stopped after step {done} ({self._stop_signal or 'signal'}): {what}", flush=True)
 
     def _save_checkpoint(self) -> None:
         from rlhf_fast.trainer.checkpoint import save_checkpoint

@@ -128,3 +128,47 @@ def test_killed_writer_leaves_previous_checkpoint_intact(tmp_path):
     tr = build(run, total_steps=3)
     tr.train(resume_from_checkpoint=True)  # resumes from checkpoint-1 and finishes
     assert tr.state.global_step == 3
+
+
+SIGTERM_SCRIPT = r'''
+import sys
+from pathlib import Path
+from transformers import TrainerCallback
+from tests.trainer._resume_worker import build
+class Announce(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        print(f"STEP {state.global_step}", flush=True)
+out = Path(sys.argv[1])
+tr = build(out / "run", total_steps=50, callbacks=[Announce()])
+tr.args.save_steps = tr.state.save_steps = 1000  # only the signal makes it save
+tr.train()
+print("EXITED CLEANLY", flush=True)
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_run_saves_the_last_completed_step_and_exits_cleanly(tmp_path, sig):
+    script = tmp_path / "sig.py"
+    script.write_text(SIGTERM_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("STEP 1"):
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]
+    assert "EXITED CLEANLY" in out
+    ckpts = list_checkpoints(tmp_path / "run")
+    assert len(ckpts) == 1
+    step = int(ckpts[0].name.split("-")[1])
+    assert 1 <= step < 50 and f"stopped after step {step}" in out
+    tr = build(tmp_path / "run", total_steps=50)
+    from rlhf_fast.trainer.checkpoint import resolve_checkpoint
+
+    assert resolve_checkpoint(tmp_path / "run", True) == ckpts[0]
+    assert tr.state.global_step == 0
