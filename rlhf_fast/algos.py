@@ -119,6 +119,10 @@ def list_kl_estimators() -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- built-in entries
 ADVANTAGE_ESTIMATORS.register("gae", "rlhf_fast.ops.gae:gae")
+# Critic-free estimators (issue 10): sequence-level ones return [B], reinforce_pp returns [B, T].
+ADVANTAGE_ESTIMATORS.register("grpo", "rlhf_fast.estimators:grpo_advantages")
+ADVANTAGE_ESTIMATORS.register("rloo", "rlhf_fast.estimators:rloo_advantages")
+ADVANTAGE_ESTIMATORS.register("reinforce_pp", "rlhf_fast.estimators:reinforce_pp_advantages")
 POLICY_LOSSES.register("ppo", "rlhf_fast.ops.ppo_loss:ppo_policy_loss")
 
 
