@@ -18,6 +18,8 @@ __all__ += ["ModelOutput", "PolicyValueModel", "make_reward"]  # issue 5
 _LAZY = {
     "PPOConfig": "rlhf_fast.trainer.ppo_config",
     "PPOTrainer": "rlhf_fast.trainer.ppo",
+    "DPOConfig": "rlhf_fast.dpo",  # issue 10
+    "DPOTrainer": "rlhf_fast.dpo",  # issue 10
 }
 __all__ += list(_LAZY)
 

@@ -178,6 +178,10 @@ register_stage_command(
     "rm", "rlhf_fast.reward:RewardConfig", "rm", run_rm_stage,
     help="reward-model training on (prompt, chosen, rejected) pairs (Bradley-Terry loss)",
 )
+register_stage_command(
+    "dpo", "rlhf_fast.dpo:DPOConfig", "dpo", "rlhf_fast.dpo:run_dpo_stage",
+    help="direct preference optimization on (prompt, chosen, rejected) pairs (no reward model, no RL loop)",
+)
 
 
 if __name__ == "__main__":

@@ -238,12 +238,15 @@ def run_training_loop(
     *, model: nn.Module, cfg, stage: str, num_examples: int, lengths: list[int],
     micro_loss: Callable[[list[int]], tuple[torch.Tensor, int, int]],
     count_units: Callable[[list[int]], int], evaluate: Callable[[], dict], metrics: MetricsWriter,
+    extra_metrics: Callable[[], dict] | None = None, on_step_end: Callable[[int], None] | None = None,
 ) -> dict:
     """The optimizer loop shared by SFT and reward-model training.
 
     micro_loss(indices) -> (sum of the per-unit losses, as a differentiable scalar; tokens processed;
     units): the loss of an optimizer step is Σ micro sums / Σ units of the step (count_units gives the
     units of a micro-batch before its forward, so each micro-batch's backward is already scaled right).
+    extra_metrics() -> dict is merged into each logged metrics line (e.g. DPO's reward statistics,
+    accumulated by micro_loss since the last line); on_step_end(step) runs after every optimizer step.
     Returns the last metrics and counters.
     """
     from tqdm.auto import tqdm
@@ -312,12 +315,15 @@ def run_training_loop(
                 "step": step, "epoch": round(step * cfg.gradient_accumulation_steps / batches_per_epoch, 4),
                 "loss": loss_value, "lr": lr, "grad_norm": grad_value,
                 "tokens_per_s": window_tokens / max(now - window_start, 1e-9), "tokens": history["tokens"],
+                **(extra_metrics() if extra_metrics is not None else {}),
             })
             window_tokens, window_start = 0, now
         if eval_every and step % eval_every == 0 and step != total_steps:
             ev = evaluate()
             model.train()
             metrics.write({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
+        if on_step_end is not None:
+            on_step_end(step)
     bar.close()
     final_eval = evaluate()
     metrics.write({"step": total_steps, **{f"eval_{k}": v for k, v in final_eval.items()}})
