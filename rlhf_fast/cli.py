@@ -182,6 +182,8 @@ register_stage_command(
     "dpo", "rlhf_fast.dpo:DPOConfig", "dpo", "rlhf_fast.dpo:run_dpo_stage",
     help="direct preference optimization on (prompt, chosen, rejected) pairs (no reward model, no RL loop)",
 )
+register_command("memory", "will PPO on this model fit on my GPUs? per-GPU bytes by component, four-model vs shared layout",
+                 lambda parser: _resolve("rlhf_fast.profiler:configure")(parser), "rlhf_fast.profiler:run")
 
 
 if __name__ == "__main__":
