@@ -64,7 +64,7 @@ from rlhf_fast.stage_io import StageDirectory, StageNotFinishedError, require_fi
 
 __all__ = [
     "DPOConfig", "DPOTrainer", "DPOResult", "DPOExample", "DPOLossOutput", "dpo_loss", "sequence_logps",
-    "tokenize_dpo_rows", "compute_reference_logps", "evaluate_dpo", "train_dpo", "run_dpo_stage",
+    "tokenize_dpo_rows", "collate_pairs", "load_dpo_rows", "compute_reference_logps", "evaluate_dpo", "train_dpo", "run_dpo_stage",
 ]
 
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

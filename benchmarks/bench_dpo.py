@@ -1,0 +1,177 @@
+"""DPO: rlhf_fast's DPOTrainer against TRL 1.12's DPOTrainer on the same model and preference data.
+
+    python -m benchmarks.bench_dpo [--full] [--device cuda] [--steps N] [--vocab 32000 1000]
+
+Model: DESIGN.md's tiny Qwen2 (hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads, untied
+embeddings, vocab 32000 by default), random init, fp32. Data: synthetic preference rows over a word-level
+tokenizer (one word = one token), so both libraries see exactly the same token ids: prompts of 4-12
+tokens, chosen and rejected responses of 64 tokens each (63 random tokens + EOS). Batch 8 pairs per
+step (16 sequences), AdamW, lr 5e-5 linear, grad clip 1.0, beta 0.1, loss "sigmoid", one log line per step.
+
+Sides, each in its own process (memory = peak RSS above the post-import baseline; both sides import
+torch, transformers, trl and rlhf_fast.dpo at module top, so the baseline carries the same libraries):
+  trl-precompute  TRL DPOTrainer, precompute_ref_log_probs=True (no reference model kept: our setting)
+  trl             TRL DPOTrainer as its docs run it: a reference model (a copy of the policy) in memory
+  rlhf_fast       our DPOTrainer (reference log-probs cached once before training, fused log-prob op)
+Time = median seconds per optimizer step after the first (wall clock between on_step_end callbacks;
+reference precomputation, data preparation and saving happen outside that window on every side).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+import statistics
+import tempfile
+import time
+
+from benchmarks.common import append_rows, make_row, print_table, ratio, run_isolated
+
+try:  # imported before the memory baseline, so both sides carry the same libraries
+    import torch
+    import transformers  # noqa: F401
+
+    import rlhf_fast.dpo  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+try:
+    import trl
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer as TRLDPOTrainer
+
+    TRL_ERROR = None
+except Exception as exc:  # noqa: BLE001 - trl missing or incompatible: the side reports it
+    trl = TRLDPOConfig = TRLDPOTrainer = None
+    TRL_ERROR = f"trl DPOTrainer unavailable ({exc!r}); pip install 'rlhf_fast[bench]' (trl==1.12.0)"
+
+BATCH, RESPONSE, BETA, LR = 8, 64, 0.1, 5e-5
+PROVIDERS = ("trl-precompute", "trl", "rlhf_fast")
+
+
+def _model_dir(root: str, vocab: int) -> str:
+    """Write the tiny Qwen2 and a word-level tokenizer once; return the dir.
+
+    Special tokens <pad> = 0, <unk> = 1, <eos> = 2, words t3 ... t{vocab-1}. (Special tokens are matched
+    before pre-tokenization, so they must not be prefixes of words: "t2" as EOS would split "t27" in two.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    path = os.path.join(root, f"tiny_qwen2_v{vocab}")
+    if os.path.isdir(path):
+        return path
+    words = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    cfg = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=512,
+                      pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def preference_rows(vocab: int, n: int, seed: int = 1234) -> list[dict]:
+    """n rows {"prompt", "chosen", "rejected"}: 4-12 prompt tokens, 64-token responses ending in <eos>.
+
+    Each response already ends with the EOS word, so neither library appends another one."""
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(k))  # noqa: E731
+    return [{"prompt": words(rng.randint(4, 12)), "chosen": " " + words(RESPONSE - 1) + " <eos>",
+             "rejected": " " + words(RESPONSE - 1) + " <eos>"} for _ in range(n)]
+
+
+def _step_stats(stamps: list[float]) -> dict:
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])]  # step 2, 3, ...: the first step is not timed
+    if not intervals:
+        return {"error": "fewer than 2 steps ran"}
+    q = statistics.quantiles(intervals, n=5) if len(intervals) >= 2 else [intervals[0]] * 4
+    return {"time_ms": statistics.median(intervals) * 1e3, "time_p20_ms": q[0] * 1e3, "time_p80_ms": q[3] * 1e3,
+            "timed_steps": len(intervals)}
+
+
+def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "cpu") -> dict:
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    rows = preference_rows(vocab, BATCH * steps)
+    # Not AutoTokenizer: transformers 5 picks Qwen2Tokenizer from config.json's model_type and ignores
+    # tokenizer.json's word-level model (every row would collapse to a few byte tokens).
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    out = tempfile.mkdtemp(prefix=f"bench_dpo_{provider}_")
+    stamps: list[float] = []
+    if provider == "rlhf_fast":
+        from rlhf_fast.dpo import DPOConfig, DPOTrainer
+
+        cfg = DPOConfig(model_name_or_path=model_dir, output_dir=os.path.join(out, "dpo"), device=device,
+                        beta=BETA, per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
+                        learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=1.0, max_steps=steps,
+                        logging_steps=1, eval_fraction=0.0, max_length=1024, disable_tqdm=True, seed=0)
+        trainer = DPOTrainer(cfg, policy, tok, train_dataset=rows)
+        result = trainer.train(on_step_end=lambda step: stamps.append(time.perf_counter()))
+        stats = _step_stats(stamps)
+        stats["train_loss"] = result.metrics["train_loss"]
+        return stats
+    if TRLDPOTrainer is None:
+        return {"error": TRL_ERROR}
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    args = TRLDPOConfig(output_dir=out, use_cpu=device == "cpu", bf16=False, per_device_train_batch_size=BATCH,
+                        gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=1.0,
+                        max_steps=steps, logging_steps=1, beta=BETA, loss_type=["sigmoid"], report_to="none",
+                        save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=0, max_length=1024,
+                        precompute_ref_log_probs=provider == "trl-precompute", dataloader_num_workers=0)
+    ref = None if provider == "trl-precompute" else copy.deepcopy(policy)
+    trainer = TRLDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                            processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    stats = _step_stats(stamps)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    stats["train_loss"] = losses[-1] if losses else None
+    return stats
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="more steps")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (the first is not timed)")
+    ap.add_argument("--vocab", type=int, nargs="*", default=[32000])
+    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    args = ap.parse_args(argv)
+    steps = args.steps or (20 if args.full else 8)
+    rows, summary = [], []
+    root = tempfile.mkdtemp(prefix="bench_dpo_models_")
+    for vocab in args.vocab:
+        model_dir = _model_dir(root, vocab)
+        res = {p: run_isolated("benchmarks.bench_dpo:side", provider=p, vocab=vocab, steps=steps, model_dir=model_dir,
+                               device=args.device) for p in args.providers}
+        shape = f"B={BATCH} pairs, resp={RESPONSE}, V={vocab}"
+        for p, r in res.items():
+            pairs_per_s = BATCH / (r["time_ms"] * 1e-3) if "time_ms" in r else None
+            rows.append(make_row("dpo", "dpo_step", shape, "float32", p, r, args.device, pairs_per_s, "pairs/s"))
+        ours = res.get("rlhf_fast", {})
+        for base in [p for p in res if p != "rlhf_fast"]:
+            b = res[base]
+            line = (f"[V={vocab}] vs {base}: time ours/{base} = {ratio(ours.get('time_ms'), b.get('time_ms'))} "
+                    f"(speed-up {ratio(b.get('time_ms'), ours.get('time_ms'))}x), memory ours/{base} = "
+                    f"{ratio(ours.get('mem_bytes'), b.get('mem_bytes'))}")
+            if "error" in b:
+                line += f"  [{base} skipped: {b['error']}]"
+            summary.append(line)
+    print_table(rows)
+    for line in summary:
+        print(line)
+    append_rows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
