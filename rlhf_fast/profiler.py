@@ -16,7 +16,11 @@ Parameter storage and optimizer (``--precision``, per trainable parameter; froze
   what a plain torch step allocates.
 - ``amp``: fp32 parameters, gradients and m, v with bf16 autocast compute (TRL's ``bf16=True`` on an
   fp32-loaded model, and our trainer on an fp32 model): 4 + 4 + 8 = 16 bytes.
-The same mode is used for both layouts so the comparison isolates the layout. ``--optimizer sgd`` drops
+The same mode is used for both layouts so the comparison isolates the layout. Trainable bytes are 16 per
+parameter under both ``mixed`` and ``amp``; they differ in where the bytes sit and in the four-model
+layout's frozen copies (reference and reward take the policy's storage dtype: fp32 under ``amp``). Note
+that ``PolicyValueModel`` keeps fp32 policy weights by default (``dtype=torch.float32``) and our trainer
+autocasts, i.e. ``amp``; TRL 1.12 with ``bf16=True`` on an fp32-loaded model is ``amp`` as well. ``--optimizer sgd`` drops
 m and v (a master copy stays under ``mixed``). Each AdamW parameter tensor also has a 4-byte ``step``
 (ignored here: < 1 KiB).
 
@@ -94,7 +98,7 @@ def parse_memory(text: str) -> int:
         raise ValueError(f"cannot parse memory size {text!r}: expected {MEMORY_FORMS}")
     value = float(m.group(1)) * _UNITS[unit]
     if value <= 0:
-        raise ValueError(f"memory size must be > 0, got {text!r}")
+        raise ValueError(f"memory size must be > 0, got {text!r}: expected {MEMORY_FORMS}")
     return int(value)
 
 
@@ -603,8 +607,8 @@ def measure_micro_step(config, setup: Setup, device: str = "cpu", trace: str | N
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     with Tracker() as build:
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(dev)
-        pv = PolicyValueModel(model, reference=setup.reference, critic="shared",
+        model = AutoModelForCausalLM.from_config(config).to(device=dev, dtype=dtype)
+        pv = PolicyValueModel(model, reference=setup.reference, critic="shared", dtype=dtype,
                               **({"reference_dtype": dtype} if setup.reference == "frozen" else {}))
     if setup.grad_checkpointing:
         model.gradient_checkpointing_enable()
