@@ -32,8 +32,8 @@ same storage dtype). Log-prob buffers (naive): the full fp32 logits [B·T, V] pl
 
 Ours (``shared``): one trainable backbone with its LM head + an fp32 value head [H + 1] (fp32 weights,
 grads and AdamW: 16 bytes per element whatever ``--precision``). Reference per ``--reference``:
-``frozen`` = a copy in ``--dtype``; ``lora`` = the backbone frozen in ``--dtype`` and only the
-adapters trainable, r · (in + out) elements per adapted linear (every ``nn.Linear`` of the backbone,
+``frozen`` = a copy in ``--dtype``; ``lora`` = the base weights frozen in the policy's storage dtype
+(``--dtype``, fp32 under ``amp``) and only the adapters trainable, r · (in + out) elements per adapted linear (every ``nn.Linear`` of the backbone,
 not the LM head: peft's ``all-linear``), no extra reference weights; ``none`` = nothing. Reward model
 frozen in ``--dtype``. Log-prob buffers (fused, ``rlhf_fast.ops.fused_linear_logprobs``): one fp32
 [chunk, V] buffer with chunk = ``default_chunk_size(B·R, V, device)`` (only response positions are
@@ -49,10 +49,15 @@ their product; plus the fp32 input copies the two RMSNorms keep). Without checkp
 that, plus the final norm (H · (4 + a)). With ``--grad-checkpointing``: the layer inputs a · H per layer
 plus one layer's full activations (recomputed in backward) plus the final norm.
 
-KV cache during generation: 2 · L · kv_heads · head_dim · (P + R) · B · a (policy only, both layouts).
+KV cache during generation: 2 · L · kv_heads · head_dim · (P + R) · B_gen · a (policy only, both layouts;
+B_gen = ``--gen-batch``, default ``--batch``).
 
-FSDP (``--fsdp --gpus N``): parameters, gradients and optimizer states of every model (trainable and
-frozen) are divided by N; activations, log-prob buffers and KV cache are per GPU and are not.
+FSDP (``--fsdp --gpus N``): parameters, gradients and optimizer states of the trainable models are
+divided by N. Frozen models: in the four-model layout divided by N too (TRL prepares reference and reward
+with accelerate, which shards them); in ours replicated on every GPU, as our trainer does today
+(``rlhf_fast.trainer.distributed`` shards the policy/critic decoder layers and the PolicyValueModel
+root; the FrozenReference and the reward model are not modules of that root), unless
+``--shard-frozen``. Activations, log-prob buffers and KV cache are per GPU and are not divided.
 Without ``--fsdp`` every GPU holds everything (DDP).
 
 Peak per GPU = static (weights, grads, optimizer of all models) + max(training transients =
@@ -199,11 +204,15 @@ class Setup:
     gpus: int = 1
     fsdp: bool = False
     lora_r: int = 8
+    shard_frozen: bool = False  # shared layout under FSDP: shard the frozen reference and reward too
+    gen_batch: int | None = None  # sequences per generation batch (KV cache); None = batch
     device: str = "cuda"  # whose log-prob chunk budget applies
 
     def __post_init__(self):
-        for name in ("batch", "prompt_len", "response_len", "gpus", "lora_r"):
+        for name in ("batch", "prompt_len", "response_len", "gpus", "lora_r", "gen_batch"):
             v = getattr(self, name)
+            if name == "gen_batch" and v is None:
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         for name, allowed in (("layout", LAYOUTS), ("reference", REFERENCE_MODES), ("dtype", tuple(DTYPE_BYTES)),
@@ -286,7 +295,9 @@ def _tied_head_grad_bytes(shape: ModelShape, grad_bytes: int, head_trainable: bo
 
 
 def kv_cache_bytes(shape: ModelShape, setup: Setup) -> int:
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * setup.seq_len * setup.batch * _bytes_of(setup.dtype)
+    """2 · L · kv_heads · head_dim · (P + R) · B_gen · a."""
+    B = setup.gen_batch or setup.batch
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * setup.seq_len * B * _bytes_of(setup.dtype)
 
 
 STATIC = ("policy params", "policy grads", "policy optimizer", "value params", "value grads", "value optimizer",
@@ -339,7 +350,7 @@ def predict(shape: ModelShape, setup: Setup, layout: str | None = None) -> Predi
         c["value params"], c["value grads"], c["value optimizer"] = value_head * 4, value_head * 4, vh_opt
         if setup.reference == "lora":
             adapters = setup.lora_r * shape.lora_numel_per_rank
-            c["policy params"] = shape.total_numel * a + adapters * p_b
+            c["policy params"] = (shape.total_numel + adapters) * p_b  # frozen base kept in the policy's storage dtype
             c["policy grads"] = adapters * g_b
             c["policy optimizer"] = adapters * o_b
         else:
@@ -352,8 +363,10 @@ def predict(shape: ModelShape, setup: Setup, layout: str | None = None) -> Predi
         head_trainable = setup.reference != "lora"
         c["logprob buffers"] = (fused_logprob_buffer_bytes(shape, setup, head_trainable)
                                 + _tied_head_grad_bytes(shape, g_b, head_trainable))
+    frozen = ("reference", "reward")
     for k in STATIC:
-        c[k] = math.ceil(c[k] / shard)
+        if k not in frozen or layout == "four-model" or setup.shard_frozen:
+            c[k] = math.ceil(c[k] / shard)
     c["kv cache"] = kv_cache_bytes(shape, setup)
     return Prediction(layout, c, sum(c[k] for k in STATIC), sum(c[k] for k in TRAIN),
                       sum(c[k] for k in GENERATE))
@@ -403,6 +416,11 @@ def _single_changes(shape, setup, gpu_mem) -> list[tuple[str, dict]]:
     n = _fsdp_gpus(shape, setup, gpu_mem)
     if n is not None and (n != setup.gpus or not setup.fsdp):
         out.append((f"--fsdp across {n} GPUs", {"gpus": n, "fsdp": True}))
+    if setup.layout == "shared" and not setup.shard_frozen:
+        n2 = _fsdp_gpus(shape, dataclasses.replace(setup, shard_frozen=True), gpu_mem)
+        if n2 is not None and (n is None or n2 < n):
+            out.append((f"--fsdp --shard-frozen across {n2} GPUs (reference and reward sharded too: not what "
+                        "the trainer's FSDP2 wrapping does today)", {"gpus": n2, "fsdp": True, "shard_frozen": True}))
     b = _largest_fitting_batch(shape, setup, gpu_mem)
     if b is not None:
         out.append((f"lower --batch to {b} (gradient accumulation keeps the effective batch)", {"batch": b}))
@@ -696,6 +714,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true", help="shard parameters, grads and optimizer over --gpus")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank for --reference lora")
+    parser.add_argument("--shard-frozen", action="store_true",
+                        help="shared layout under --fsdp: also shard the frozen reference and reward model")
+    parser.add_argument("--gen-batch", type=int, default=None, help="sequences per generation batch (KV cache); default --batch")
     parser.add_argument("--gpu-mem", default="80GB", help=f"memory per GPU: {MEMORY_FORMS}")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--png", metavar="FILE", help="write a stacked bar chart, one bar per layout")
@@ -715,7 +736,7 @@ def run(args: argparse.Namespace) -> int:
         setup = Setup(batch=args.batch, prompt_len=args.prompt_len, response_len=args.response_len,
                       layout=args.layout, reference=args.reference, dtype=args.dtype, precision=args.precision,
                       optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing, gpus=args.gpus,
-                      fsdp=args.fsdp, lora_r=args.lora_r)
+                      fsdp=args.fsdp, lora_r=args.lora_r, shard_frozen=args.shard_frozen, gen_batch=args.gen_batch)
         if args.fsdp and args.gpus < 2:
             raise ValueError(f"--fsdp needs --gpus >= 2, got --gpus {args.gpus}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -114,8 +114,14 @@ def test_checkpointing_lora_and_fsdp_reduce_what_they_should():
     assert lora.components["policy grads"] == 16 * 32 * per_layer * 2
     assert lora.components["reference"] == 0
     fs = profiler.predict(s, dataclasses.replace(base, gpus=8, fsdp=True))
+    for k in profiler.STATIC:  # our trainer replicates the frozen reference and reward under FSDP2
+        assert fs.components[k] == (p0.components[k] if k in ("reference", "reward") else -(-p0.components[k] // 8))
+    fs_all = profiler.predict(s, dataclasses.replace(base, gpus=8, fsdp=True, shard_frozen=True))
+    four0 = profiler.predict(s, base, "four-model")
+    four8 = profiler.predict(s, dataclasses.replace(base, gpus=8, fsdp=True), "four-model")
     for k in profiler.STATIC:
-        assert fs.components[k] == -(-p0.components[k] // 8)
+        assert fs_all.components[k] == -(-p0.components[k] // 8)
+        assert four8.components[k] == -(-four0.components[k] // 8)
     for k in profiler.TRAIN + profiler.GENERATE:
         assert fs.components[k] == p0.components[k]
     ddp = profiler.predict(s, dataclasses.replace(base, gpus=8))
@@ -169,7 +175,7 @@ def _fits(shape, setup, gpu_mem):
 
 def test_verdict_suggestions_actually_fit():
     s = _shape("llama-3-8b")
-    setup = profiler.Setup(batch=8, prompt_len=512, response_len=512)
+    setup = profiler.Setup(batch=8, prompt_len=512, response_len=512, grad_checkpointing=True)
     mem = profiler.parse_memory("80GB")
     rep = profiler.report_dict("llama-3-8b", s, setup, mem)
     assert rep["verdict"]["fits"] is False
