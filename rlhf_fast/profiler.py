@@ -37,8 +37,8 @@ grads and AdamW: 16 bytes per element whatever ``--precision``). Reference per `
 not the LM head: peft's ``all-linear``), no extra reference weights; ``none`` = nothing. Reward model
 frozen in ``--dtype``. Log-prob buffers (fused, ``rlhf_fast.ops.fused_linear_logprobs``): one fp32
 [chunk, V] buffer with chunk = ``default_chunk_size(B·R, V, device)`` (only response positions are
-scored), plus, when the LM head is trainable and ``--dtype`` is not fp32, its fp32 weight-gradient
-accumulator V·H·4 (and on CPU an fp32 copy of the weight, V·H·4). Both layouts, tied embeddings with a
+scored), plus, when the LM head is trainable and stored in bf16/fp16 (not under ``amp``), its fp32
+weight-gradient accumulator V·H·4 (and on CPU an fp32 copy of the weight, V·H·4). Both layouts, tied embeddings with a
 trainable head: + 2 · V·H gradient bytes (the head's and the embedding's gradient and their sum coexist).
 
 Activations of one backbone (saved for backward, flash/memory-efficient attention: no T×T scores),
@@ -275,7 +275,7 @@ def fused_logprob_buffer_bytes(shape: ModelShape, setup: Setup, head_trainable: 
     N = setup.batch * setup.response_len
     chunk = default_chunk_size(N, shape.vocab, torch.device(setup.device))
     total = min(chunk, N) * shape.vocab * 4
-    if setup.dtype != "fp32":
+    if _trainable_bytes(setup)[0] != 4:  # head stored in bf16/fp16 (fp32 under amp: grad_w is the grad)
         if head_trainable:
             total += shape.lm_head_numel * 4
         if setup.device == "cpu":
@@ -460,6 +460,42 @@ def suggestions(shape: ModelShape, setup: Setup, gpu_mem: int) -> list[Suggestio
             if ok:
                 found.append(Suggestion(" + ".join(texts + [text]), {**changes, **ch}, peak))
     return found
+
+
+# --------------------------------------------------------------------------- PPO config files
+def setup_from_ppo_config(cfg, memory_section: dict) -> tuple[str, Setup, int]:
+    """(model spec, Setup, GPU bytes) for a ``PPOConfig`` plus a YAML ``memory:`` section.
+
+    ``memory:`` holds what PPOConfig does not: ``model`` (preset / dir / config.json of the policy's
+    architecture), ``prompt_len``, ``gpus`` and ``gpu_mem``. From the PPOConfig, as our trainer runs it:
+    micro-batch = ``per_device_train_batch_size``, generation batch = ``local_rollout_forward_batch_size``,
+    R = ``response_length``, ``gradient_checkpointing``, reference mode (``auto``: ``none`` when
+    kl_coef == 0, else ``frozen``; ``lora`` uses the trainer's default r=8 adapters), FSDP when
+    ``distributed_strategy == "fsdp2"``. Precision: the trainer keeps fp32 policy weights and autocasts
+    when ``bf16``/``fp16`` is set, i.e. ``precision="amp"``; a frozen reference must be stored in that
+    autocast dtype (``reference_dtype: bf16``), which is what the predictor assumes.
+    """
+    missing = [k for k in ("model", "prompt_len", "gpus", "gpu_mem") if k not in (memory_section or {})]
+    if missing:
+        raise ValueError(f"memory: section needs {', '.join(missing)} (model, prompt_len, gpus, gpu_mem)")
+    dtype = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+    reference = cfg.reference
+    if reference == "auto":
+        reference = "none" if cfg.kl_coef == 0 else "frozen"
+    if reference == "frozen" and dtype != "fp32" and cfg.reference_dtype != dtype:
+        raise ValueError(f"reference_dtype must be {dtype!r} (the autocast dtype) for this prediction, "
+                         f"got {cfg.reference_dtype!r}")
+    if cfg.critic == "separate":
+        raise ValueError("critic='separate' is not modelled by the shared-layout prediction; use critic: shared")
+    gpus = int(memory_section["gpus"])
+    setup = Setup(
+        batch=cfg.per_device_train_batch_size, prompt_len=int(memory_section["prompt_len"]),
+        response_len=cfg.response_length, layout="shared", reference=reference, dtype=dtype,
+        precision="amp" if dtype != "fp32" else "pure", grad_checkpointing=bool(cfg.gradient_checkpointing),
+        gpus=gpus, fsdp=cfg.distributed_strategy == "fsdp2" and gpus > 1,
+        gen_batch=cfg.local_rollout_forward_batch_size,
+    )
+    return str(memory_section["model"]), setup, parse_memory(str(memory_section["gpu_mem"]))
 
 
 # --------------------------------------------------------------------------- report
@@ -781,5 +817,5 @@ __all__ = [
     "LAYOUTS", "PRECISIONS", "REFERENCE_MODES", "ModelShape", "Setup", "Prediction", "Suggestion", "parse_memory",
     "load_model_config", "build_meta_model", "model_shape", "predict", "suggestions", "report_dict",
     "format_report", "save_png", "measure_micro_step", "compare_measured", "activation_bytes",
-    "fused_logprob_buffer_bytes", "naive_logprob_buffer_bytes", "kv_cache_bytes", "configure", "run",
+    "fused_logprob_buffer_bytes", "setup_from_ppo_config", "naive_logprob_buffer_bytes", "kv_cache_bytes", "configure", "run",
 ]
