@@ -255,14 +255,18 @@ def _trainable_bytes(setup: Setup) -> tuple[int, int, int]:
     return a, a, 4 + 4 * moments  # mixed: fp32 master + fp32 moments
 
 
-def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, checkpointing: bool) -> int:
-    """Saved activations of one backbone over ``tokens`` tokens (module docstring formula)."""
+def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, checkpointing: bool,
+                     forward_only: bool = False) -> int:
+    """Saved activations of one backbone over ``tokens`` tokens (module docstring formula).
+
+    ``forward_only`` with checkpointing: what the forward pass itself keeps (layer inputs + final norm),
+    without the one layer recomputed during backward."""
     H, inter = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     per_layer = act_bytes * (2 * H + 3 * q + 3 * kv + 4 * inter) + 2 * 4 * H
     final_norm = H * (4 + act_bytes)
     if checkpointing:
-        return tokens * (shape.layers * H * act_bytes + per_layer + final_norm)
+        return tokens * (shape.layers * H * act_bytes + (0 if forward_only else per_layer) + final_norm)
     return tokens * (shape.layers * per_layer + final_norm)
 
 
@@ -637,7 +641,9 @@ def measure_micro_step(config, setup: Setup, device: str = "cpu", trace: str | N
     Returns bytes, each the tracker's record of the allocations behind the tensors named:
     ``params`` (every parameter of the policy, value head and reference, as created while building),
     ``grads`` (the ``.grad`` of the trainable parameters, created in backward), ``optimizer`` (the
-    optimizer's state tensors, created in ``opt.step()``), ``logprob_buffer`` (largest fp32 [rows, V]
+    optimizer's state tensors, created in ``opt.step()``), ``activations`` (distinct non-parameter
+    storages autograd saved for backward in the policy forward, via ``saved_tensors_hooks``; with
+    checkpointing, only the layer inputs, since recomputation happens in backward), ``logprob_buffer`` (largest fp32 [rows, V]
     tensor created in the step) and, for information, ``step_peak`` (peak of tracked live bytes during
     the step above its start; the tracker under-counts tensors without a long-lived Python object) and
     on CUDA ``cuda_peak_allocated``.
@@ -682,7 +688,17 @@ def measure_micro_step(config, setup: Setup, device: str = "cpu", trace: str | N
     gc.collect()
     with Tracker() as step:
         ref_logp = pv.reference_logprobs(ids, mask, response_start=P) if setup.reference != "none" else None
-        out = pv(ids, mask, response_start=P, return_entropy=True)
+        param_ptrs = {q.untyped_storage().data_ptr() for q in pv.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t):  # every tensor autograd keeps for backward: the activations, counted once per storage
+            st = t.untyped_storage()
+            if st.data_ptr() not in param_ptrs and st.data_ptr() != 0:
+                saved[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = pv(ids, mask, response_start=P, return_entropy=True)
         ratio = torch.exp((out.logprobs - out.logprobs.detach()).clamp(-20, 20))
         pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
         vf = 0.5 * ((out.values - returns) ** 2).mean()
@@ -695,7 +711,7 @@ def measure_micro_step(config, setup: Setup, device: str = "cpu", trace: str | N
     state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
     buffers = [a.nbytes for a in step.allocations
                if len(a.shape) == 2 and a.shape[1] == V and a.dtype == torch.float32]
-    result = {"params": params, "grads": grads, "optimizer": step.bytes_of(state),
+    result = {"params": params, "grads": grads, "optimizer": step.bytes_of(state), "activations": sum(saved.values()),
               "logprob_buffer": max(buffers, default=0), "step_peak": step.peak_live_bytes, "device": dev.type}
     if dev.type == "cuda":
         result["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(dev)
@@ -725,6 +741,9 @@ def compare_measured(shape: ModelShape, setup: Setup, measured: dict) -> dict:
         "grads": c["policy grads"] + c["value grads"],
         "optimizer": c["policy optimizer"] + c["value optimizer"],
         "logprob_buffer": buffer,
+        # saved by the forward pass (with checkpointing the recomputed layer lives only inside backward)
+        "activations": activation_bytes(shape, like.batch * like.seq_len, _bytes_of(like.dtype),
+                                        like.grad_checkpointing, forward_only=True),
         "step_peak": c["policy grads"] + c["value grads"] + max(c["activations"] + c["logprob buffers"],
                                                                 c["policy optimizer"] + c["value optimizer"]),
     }
@@ -801,7 +820,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nmeasured on {meas['device']} (one micro-step of the shared layout, {setup.dtype} weights and "
               "AdamW state, no reward model), MiB:")
         print(f"{'':<16}{'predicted':>12}{'measured':>12}{'ratio':>8}")
-        for k in ("params", "grads", "optimizer", "logprob_buffer", "step_peak"):
+        for k in ("params", "grads", "optimizer", "activations", "logprob_buffer", "step_peak"):
             r = meas[k] / pred[k] if pred[k] else float("nan")
             print(f"{k:<16}{pred[k] / 2**20:>12.2f}{meas[k] / 2**20:>12.2f}{r:>8.2f}")
         if "cuda_peak_allocated" in meas:

@@ -139,22 +139,30 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("name,reference,dtype", [
-    ("qwen2-untied", "frozen", "fp32"),
-    ("llama-tied", "lora", "fp32"),
-    ("qwen2-untied", "none", "bf16"),
+@pytest.mark.parametrize("name,reference,dtype,ckpt", [
+    ("qwen2-untied", "frozen", "fp32", False),
+    ("llama-tied", "lora", "fp32", False),
+    ("qwen2-untied", "none", "bf16", False),
+    ("llama-tied", "frozen", "bf16", True),
 ])
-def test_prediction_matches_allocation_tracker_on_a_real_micro_step(tmp_path, name, reference, dtype):
+def test_prediction_matches_allocation_tracker_on_a_real_micro_step(tmp_path, name, reference, dtype, ckpt):
     """params = policy + value head + reference weights as allocated; grads = the .grad tensors backward
     allocated; optimizer = AdamW state allocated by step(); logprob_buffer = the largest fp32 [rows, V]
-    tensor of the step (the fused op's chunk buffer). Same tensors on both sides, within 15%."""
+    tensor of the step (the fused op's chunk buffer); activations (no checkpointing) = the distinct
+    storages autograd saved in the policy forward. Same tensors on both sides, within 15%."""
     (tmp_path / "config.json").write_text(json.dumps(TINY[name]))
     config = profiler.load_model_config(str(tmp_path / "config.json"))
     shape = profiler.model_shape(profiler.build_meta_model(config))
-    setup = profiler.Setup(batch=3, prompt_len=8, response_len=16, reference=reference, dtype=dtype)
+    setup = profiler.Setup(batch=3, prompt_len=8, response_len=16, reference=reference, dtype=dtype,
+                           grad_checkpointing=ckpt)
     measured = profiler.measure_micro_step(config, setup, device="cpu")
     predicted = profiler.compare_measured(shape, setup, measured)
-    for key in ("params", "grads", "optimizer", "logprob_buffer"):
+    if ckpt:  # forward keeps layer inputs only: far below the full activations (looser: small extras count)
+        full = profiler.compare_measured(shape, dataclasses.replace(setup, grad_checkpointing=False), measured)
+        assert measured["activations"] < 0.5 * full["activations"]
+        assert abs(measured["activations"] - predicted["activations"]) <= 0.5 * predicted["activations"]
+    keys = ("params", "grads", "optimizer", "logprob_buffer") + (() if ckpt else ("activations",))
+    for key in keys:
         assert measured[key] > 0, key
         assert abs(measured[key] - predicted[key]) <= 0.15 * predicted[key], (key, measured[key], predicted[key])
     if reference == "lora":
