@@ -50,8 +50,8 @@ def test_kl_estimators_map_to_kl_penalty(name):
 def test_unknown_name_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown policy loss 'ppo2'; valid names: .*ppo"):
         algos.get_policy_loss("ppo2")
-    with pytest.raises(ValueError, match=r"unknown advantage estimator 'grpo'; valid names: .*gae"):
-        algos.get_advantage_estimator("grpo")
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'grpo2'; valid names: .*gae"):
+        algos.get_advantage_estimator("grpo2")
     with pytest.raises(ValueError, match=r"unknown KL estimator 'k4'; valid names: abs, k1, k2, k3"):
         algos.get_kl_estimator("k4")
 
