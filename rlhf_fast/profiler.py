@@ -514,7 +514,11 @@ def report_dict(spec: str, shape: ModelShape, setup: Setup, gpu_mem: int) -> dic
         p = predict(shape, setup, layout)
         layouts[layout] = {"components": dict(p.components), "static_bytes": p.static_bytes,
                            "train_bytes": p.train_bytes, "generate_bytes": p.generate_bytes,
-                           "peak_bytes": p.peak_bytes, "fits": p.peak_bytes <= gpu_mem}
+                           "peak_bytes": p.peak_bytes, "fits": p.peak_bytes <= gpu_mem,
+                           # the same layout with checkpointing toggled, for the table's "other" row
+                           "activations_other_checkpointing": predict(
+                               shape, dataclasses.replace(setup, grad_checkpointing=not setup.grad_checkpointing),
+                               layout).components["activations"]}
     chosen = layouts[setup.layout]
     sugg = [] if chosen["fits"] else suggestions(shape, setup, gpu_mem)
     return {
@@ -541,6 +545,9 @@ def format_report(rep: dict) -> str:
     ]
     for comp in COMPONENTS:
         lines.append(f"{comp:<20}" + "".join(f"{_gib(rep['layouts'][k]['components'][comp]):>14}" for k in LAYOUTS))
+    other = "(act. ckpt " + ("off)" if s["grad_checkpointing"] else "on)")
+    lines.append(f"{other:<20}" + "".join(f"{_gib(rep['layouts'][k]['activations_other_checkpointing']):>14}"
+                                          for k in LAYOUTS))
     lines.append("-" * (20 + 14 * len(LAYOUTS)))
     lines.append(f"{'peak':<20}" + "".join(f"{_gib(rep['layouts'][k]['peak_bytes']):>14}" for k in LAYOUTS))
     lines.append(f"{'fits ' + _gib(rep['gpu_mem_bytes']) + ' GiB?':<20}"

@@ -240,6 +240,7 @@ def test_cli_json_schema(capsys):
         assert all(isinstance(v, int) and v >= 0 for v in layout["components"].values())
         assert layout["peak_bytes"] == layout["static_bytes"] + max(layout["train_bytes"], layout["generate_bytes"])
         assert isinstance(layout["fits"], bool)
+        assert 0 < layout["activations_other_checkpointing"] < layout["components"]["activations"]  # ckpt on
     assert set(rep["verdict"]) == {"layout", "fits", "peak_bytes", "suggestions"}
     assert rep["layouts"]["shared"]["peak_bytes"] < rep["layouts"]["four-model"]["peak_bytes"]
 
