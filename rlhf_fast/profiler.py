@@ -756,6 +756,21 @@ def compare_measured(shape: ModelShape, setup: Setup, measured: dict) -> dict:
     }
 
 
+def _available_bytes(device: str) -> int | None:
+    """Free bytes on ``device``: CUDA free memory, or MemAvailable from /proc/meminfo on CPU (None if unknown)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 # --------------------------------------------------------------------------- CLI
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
@@ -813,6 +828,13 @@ def run(args: argparse.Namespace) -> int:
     shape = model_shape(build_meta_model(config))
     rep = report_dict(args.model, shape, setup, gpu_mem)
     if args.measure:
+        need = compare_measured(shape, setup, {"device": device.split(":")[0]})
+        need_bytes = need["params"] + need["grads"] + need["optimizer"] + need["activations"]
+        avail = _available_bytes(device)
+        if avail is not None and need_bytes > 0.8 * avail:
+            print(f"{prog}: error: --measure builds real weights: about {need_bytes / 2**30:.1f} GiB needed, "
+                  f"{avail / 2**30:.1f} GiB available on {device}; measure a smaller model or batch", file=sys.stderr)
+            return 2
         measured = measure_micro_step(config, setup, device=device, trace=args.trace)
         rep["measured"] = {"measured": measured, "predicted": compare_measured(shape, setup, measured)}
     if args.png:

@@ -276,3 +276,22 @@ def test_cli_bad_inputs(capsys, argv, message):
 
 def test_presets_listed():
     assert {"qwen2.5-0.5b", "qwen2.5-7b", "llama-3-8b", "llama-3-70b"} <= set(available_presets())
+
+
+def test_cli_measure_prints_measured_beside_predicted(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY["qwen2-untied"]))
+    argv = ["memory", "--model", str(tmp_path), "--batch", "2", "--prompt-len", "8", "--response-len", "8",
+            "--dtype", "fp32", "--measure", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "measured on cpu" in out and "predicted" in out and "logprob_buffer" in out
+    assert cli.main(argv + ["--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)["measured"]
+    assert rep["measured"]["params"] == rep["predicted"]["params"]
+
+
+def test_cli_measure_refuses_what_cannot_fit_here(capsys):
+    argv = ["memory", "--model", "llama-3-70b", "--batch", "1", "--prompt-len", "8", "--response-len", "8",
+            "--measure", "--device", "cpu"]
+    assert cli.main(argv) == 2
+    assert "--measure builds real weights" in capsys.readouterr().err
