@@ -215,7 +215,18 @@ def test_cli_dpo_from_sft_stage(tmp_path, make_tiny_lm, tiny_tokenizer, capsys):
     assert code == 2 and "bad.jsonl line 1" in err and "missing column 'rejected'" in err
 
 
-def test_config_rejects_bad_beta():
+def test_config_rejects_bad_beta_and_lazy_exports():
     with pytest.raises(ValueError, match="beta must be > 0"):
         DPOConfig(beta=0.0)
-    assert Rows  # imported for type clarity in helpers
+    with pytest.raises(ValueError, match="max_steps > 0 or num_train_epochs > 0"):
+        DPOConfig(num_train_epochs=0)
+    import rlhf_fast
+
+    assert rlhf_fast.DPOConfig is DPOConfig and rlhf_fast.DPOTrainer is DPOTrainer
+
+
+def test_bad_cfg_type_and_empty_dataset(tmp_path, make_tiny_lm, tiny_tokenizer):
+    with pytest.raises(TypeError, match="cfg must be a DPOConfig"):
+        DPOTrainer({"beta": 0.1})
+    with pytest.raises(DatasetFormatError, match="empty: no preference rows to train on"):
+        DPOTrainer(small_cfg(tmp_path), make_tiny_lm(), tiny_tokenizer, train_dataset=Rows([], [], "empty"))
