@@ -1,25 +1,38 @@
 """rlhf_fast: a custom-kernel, performance-first RLHF engine."""
 from rlhf_fast._backend import describe as backend_info
-from rlhf_fast.ops import masked_mean
-from rlhf_fast.ops import fused_linear_logprobs, fused_linear_logprobs_reference, logprobs_from_logits  # issue 3
-from rlhf_fast.ops import ppo_policy_loss, value_loss  # issue 4B
-from rlhf_fast.ops import gae, kl_penalty, masked_whiten, token_rewards  # issue 4A
-from rlhf_fast.models import ModelOutput, PolicyValueModel, make_reward  # issue 5 (imports no transformers)
+from rlhf_fast.models import ModelOutput, PolicyValueModel, make_reward  # imports no transformers
+from rlhf_fast.ops import (
+    fused_linear_logprobs,
+    fused_linear_logprobs_reference,
+    gae,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    token_rewards,
+    value_loss,
+)
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "backend_info", "masked_mean"]
-__all__ += ["fused_linear_logprobs", "fused_linear_logprobs_reference", "logprobs_from_logits"]  # issue 3
-__all__ += ["ppo_policy_loss", "value_loss"]  # issue 4B
-__all__ += ["gae", "kl_penalty", "masked_whiten", "token_rewards"]  # issue 4A
-__all__ += ["ModelOutput", "PolicyValueModel", "make_reward"]  # issue 5
+__all__ += ["fused_linear_logprobs", "fused_linear_logprobs_reference", "logprobs_from_logits"]
+__all__ += ["ppo_policy_loss", "value_loss"]
+__all__ += ["gae", "kl_penalty", "masked_whiten", "token_rewards"]
+__all__ += ["ModelOutput", "PolicyValueModel", "make_reward"]
 
 # The trainers import transformers (seconds): load them on first use, not on `import rlhf_fast`.
 _LAZY = {
     "PPOConfig": "rlhf_fast.trainer.ppo_config",
     "PPOTrainer": "rlhf_fast.trainer.ppo",
-    "DPOConfig": "rlhf_fast.dpo",  # issue 10
-    "DPOTrainer": "rlhf_fast.dpo",  # issue 10
+    "SFTConfig": "rlhf_fast.sft",
+    "train_sft": "rlhf_fast.sft",
+    "RewardConfig": "rlhf_fast.reward",
+    "train_reward_model": "rlhf_fast.reward",
+    "run_pipeline": "rlhf_fast.pipeline",
+    "DPOConfig": "rlhf_fast.dpo",
+    "DPOTrainer": "rlhf_fast.dpo",
 }
 __all__ += list(_LAZY)
 

@@ -182,6 +182,40 @@ register_stage_command(
     "dpo", "rlhf_fast.dpo:DPOConfig", "dpo", "rlhf_fast.dpo:run_dpo_stage",
     help="direct preference optimization on (prompt, chosen, rejected) pairs (no reward model, no RL loop)",
 )
+
+
+
+def run_ppo_stage(cfg) -> int:
+    import json
+
+    from rlhf_fast.pipeline import run_ppo_stage as _run
+
+    trainer, final_dir = _run(cfg)
+    print(f"ppo: finished stage directory {final_dir}")
+    print(json.dumps(trainer.state.log_history[-1] if trainer.state.log_history else {}, indent=2, default=str))
+    return 0
+
+
+def _configure_pipeline(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="YAML file with pipeline:, sft:, rm: and ppo: sections (e.g. configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="stage.key=value",
+                        help="override one stage's key, e.g. ppo.kl_coef=0.1 sft.max_steps=50")
+
+
+def run_pipeline_command(args) -> int:
+    from rlhf_fast.pipeline import run_pipeline
+
+    run_pipeline(args.config, args.overrides)
+    return 0
+
+
+register_stage_command(
+    "ppo", "rlhf_fast.trainer.ppo_config:PPOConfig", "ppo", run_ppo_stage,
+    help="PPO against a reward model (policy from a finished SFT stage, reward from a finished RM stage)",
+)
+register_command("pipeline", "the whole RLHF pipeline: SFT -> reward model -> PPO -> report (make demo)",
+                 _configure_pipeline, run_pipeline_command)
 register_command("memory", "will PPO on this model fit on my GPUs? per-GPU bytes by component, four-model vs shared layout",
                  lambda parser: _resolve("rlhf_fast.profiler:configure")(parser), "rlhf_fast.profiler:run")
 

@@ -3,15 +3,23 @@
 Callers never branch on device: every public function here picks its backend with
 rlhf_fast._backend.dispatch (or takes ``backend=`` to force one).
 """
-from rlhf_fast.ops.masked_mean import masked_mean, masked_mean_reference
-from rlhf_fast.ops.logprobs import (  # issue 3
+from rlhf_fast.ops.gae import GAEOutput, gae, gae_reference
+from rlhf_fast.ops.kl import (
+    KL_ESTIMATORS,
+    kl_penalty,
+    kl_penalty_reference,
+    token_rewards,
+    token_rewards_reference,
+)
+from rlhf_fast.ops.logprobs import (
     LogProbs,
     fused_linear_logprobs,
     fused_linear_logprobs_reference,
     logprobs_from_logits,
     logprobs_from_logits_reference,
 )
-from rlhf_fast.ops.ppo_loss import (  # issue 4B
+from rlhf_fast.ops.masked_mean import masked_mean, masked_mean_reference
+from rlhf_fast.ops.ppo_loss import (
     AGG_MODES,
     PolicyLossStats,
     aggregate_loss,
@@ -20,26 +28,18 @@ from rlhf_fast.ops.ppo_loss import (  # issue 4B
     value_loss,
     value_loss_reference,
 )
-from rlhf_fast.ops.kl import (  # issue 4A
-    KL_ESTIMATORS,
-    kl_penalty,
-    kl_penalty_reference,
-    token_rewards,
-    token_rewards_reference,
-)
-from rlhf_fast.ops.gae import GAEOutput, gae, gae_reference  # issue 4A
-from rlhf_fast.ops.whiten import masked_whiten, masked_whiten_reference  # issue 4A
+from rlhf_fast.ops.whiten import masked_whiten, masked_whiten_reference
 
 __all__ = ["masked_mean", "masked_mean_reference"]
-__all__ += [  # issue 3
+__all__ += [
     "LogProbs", "fused_linear_logprobs", "fused_linear_logprobs_reference",
     "logprobs_from_logits", "logprobs_from_logits_reference",
 ]
-__all__ += [  # issue 4B
+__all__ += [
     "AGG_MODES", "PolicyLossStats", "aggregate_loss", "ppo_policy_loss", "ppo_policy_loss_reference",
     "value_loss", "value_loss_reference",
 ]
-__all__ += [  # issue 4A
+__all__ += [
     "KL_ESTIMATORS", "kl_penalty", "kl_penalty_reference", "token_rewards", "token_rewards_reference",
     "GAEOutput", "gae", "gae_reference", "masked_whiten", "masked_whiten_reference",
 ]

@@ -65,7 +65,7 @@ def prompt_token_lists(dataset, tokenizer) -> list[list[int]]:
         out = [list(map(int, dataset[i]["input_ids"])) for i in range(n)]
     elif "prompt" in columns:
         texts = [dataset[i]["prompt"] for i in range(n)]
-        out = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        out = tokenizer(texts)["input_ids"]  # as TRL's scripts tokenize prompts (special tokens included)
     else:
         raise ValueError(
             f"train_dataset rows need an 'input_ids' column (tokenized prompts, as TRL expects) or a 'prompt' "
@@ -538,7 +538,11 @@ class PPOTrainer:
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
+        # fused=True: one kernel for every tensor (CPU and CUDA) instead of a Python loop over parameters.
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    for p in params) and not (self.world_size > 1 and a.distributed_strategy == "fsdp2")
+        return torch.optim.AdamW(groups, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                                 fused=fused or None, foreach=None if fused else True)
 
     def _create_scheduler(self):
         from transformers import get_scheduler

@@ -92,6 +92,10 @@ class PPOConfig(TrainingArguments):
     ds3_gather_for_generation: bool = field(default=True, metadata={"help": "DeepSpeed-only (not used)."})
 
     # ---- rlhf_fast knobs
+    dataset: str = field(
+        default="demo", metadata={"help": "`rlhf-fast ppo`: prompts file (.jsonl/.json/.parquet, 'prompt' column) or 'demo'."}
+    )
+    eval_dataset: str | None = field(default=None, metadata={"help": "`rlhf-fast ppo`: prompts for generate_completions."})
     critic: Literal["auto", "shared", "separate"] = field(
         default="auto",
         metadata={"help": "auto: 'separate' when a value_model is passed, else 'shared' (value head on the policy)."},

@@ -1,0 +1,409 @@
+"""The PPO stage and the whole RLHF pipeline (SFT -> reward model -> PPO) on one config file.
+
+``rlhf-fast ppo --config FILE`` runs ``run_ppo_stage``: the policy from a finished SFT directory
+(``sft_model_path``), the reward model from a finished RM directory (``reward_model_path``), prompts
+from ``dataset`` (a .jsonl/.json/.parquet file with a ``prompt`` column, or "demo"). It writes PPO's
+checkpoints and metrics under ``output_dir`` and the final policy as a finished stage directory
+``output_dir/model``.
+
+``rlhf-fast pipeline --config configs/demo.yaml`` (= ``make demo``) runs the embedded default with no
+network: SFT on pydoc text -> pairs sampled from the SFT model and labelled by the pinned gold judge
+(rlhf_fast.demo_data) -> reward model on those noisy labels -> PPO against the learned reward with a KL
+penalty -> samples on held-out prompts before and after PPO, judged by the gold judge that PPO never
+saw. Everything lands in ``runs/demo/`` (``summary.json``, ``report.md``, plots, samples, metrics).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEMO = "demo"
+
+
+# ============================================================================ prompts
+def ppo_prompt_rows(source, tokenizer, split: str = "train") -> list[dict]:
+    """Prompt rows ``{"prompt": str, "input_ids": [...]}`` from a file / rows / "demo" (opening words of
+    train or held-out paragraphs). Errors name the file and line (rlhf_fast.data)."""
+    from rlhf_fast.data import load_rows
+
+    if isinstance(source, str) and source == DEMO:
+        from rlhf_fast.demo_data import demo_corpus, prompts_from_paragraphs
+
+        corpus = demo_corpus()
+        texts = prompts_from_paragraphs(corpus.train if split == "train" else corpus.heldout)
+    else:
+        rows = load_rows(source, name="ppo dataset")
+        texts = []
+        for row, where in zip(rows.rows, rows.locations):
+            if "prompt" not in row or not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                raise ValueError(f"{where}: a PPO prompt row needs a non-empty 'prompt' string, got keys {sorted(row)}")
+            texts.append(row["prompt"])
+    if not texts:
+        raise ValueError(f"no prompts found in {source!r}")
+    ids = tokenizer(texts)["input_ids"]
+    return [{"prompt": t, "input_ids": i} for t, i in zip(texts, ids)]
+
+
+# ============================================================================ PPO stage
+def run_ppo_stage(cfg, callbacks=None, train_rows=None, eval_rows=None, on_trainer=None):
+    """Train PPO from finished SFT and RM stage directories; returns (trainer, final stage dir).
+
+    on_trainer: optional function called with the PPOTrainer before training (e.g. to watch rollouts)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_fast.models import ensure_pad_token
+    from rlhf_fast.reward import load_reward_model
+    from rlhf_fast.stage_io import StageDirectory, require_finished_stage
+    from rlhf_fast.trainer import PPOTrainer
+
+    require_finished_stage(cfg.sft_model_path, what="ppo sft_model_path")
+    final_dir = Path(cfg.output_dir) / "model"
+    stage = StageDirectory(final_dir, stage="ppo")  # refuse a bad output dir before training
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(cfg.sft_model_path))
+    policy = AutoModelForCausalLM.from_pretrained(cfg.sft_model_path, dtype=torch.float32)
+    reward, _ = load_reward_model(cfg.reward_model_path, tokenizer=tokenizer)
+    train_rows = train_rows if train_rows is not None else ppo_prompt_rows(cfg.dataset, tokenizer, "train")
+    if eval_rows is None and cfg.eval_dataset:
+        eval_rows = ppo_prompt_rows(cfg.eval_dataset, tokenizer, "heldout")
+    trainer = PPOTrainer(cfg, tokenizer, policy, None, reward, train_rows, eval_dataset=eval_rows,
+                         callbacks=callbacks)
+    if on_trainer is not None:
+        on_trainer(trainer)
+    trainer.train()
+    last = trainer.state.log_history[-1] if trainer.state.log_history else {}
+    summary = {k: last[k] for k in ("objective/scores", "objective/kl", "objective/rlhf_reward") if k in last}
+    summary.update(steps=trainer.state.global_step, episodes=trainer.state.episode)
+    with stage as d:
+        d.finish(trainer.model.policy, tokenizer, summary)
+    return trainer, final_dir
+
+
+# ============================================================================ sampling for evaluation
+@torch.no_grad()
+def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int,
+                 batch_size: int = 64) -> list[str]:
+    """One sampled completion per prompt (counter-based seeds per prompt index: reproducible)."""
+    from rlhf_fast.trainer.ppo import left_pad
+    from rlhf_fast.trainer.rollout import generate, prompt_seeds
+
+    model.eval()
+    ids = tokenizer(prompts)["input_ids"]
+    out = []
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for s in range(0, len(ids), batch_size):
+        chunk = ids[s:s + batch_size]
+        p, m = left_pad(chunk, tokenizer.pad_token_id)
+        seeds = prompt_seeds(seed, torch.arange(s, s + len(chunk)))
+        ro = generate(model, p, m, max_new_tokens, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+                      stop_token_ids=stop, seeds=seeds)
+        out += tokenizer.batch_decode([r[mk] for r, mk in zip(ro.responses, ro.response_mask)],
+                                      skip_special_tokens=True)
+    return out
+
+
+def preference_pairs(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int,
+                     noisy: bool) -> list[dict]:
+    """Two samples per prompt from ``model``, ordered by the gold judge (noisy: labels drawn with
+    P = sigmoid(5·Δgold); else the noiseless preference). Identical or empty pairs are dropped."""
+    from rlhf_fast.demo_data import gold_prefers, preference_label
+
+    a = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    b = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                     seed=seed + 7919)
+    rng = random.Random(seed)
+    rows = []
+    for p, x, y in zip(prompts, a, b):
+        if x == y or not x.strip() or not y.strip():  # identical or empty (immediate EOS): no preference
+            continue
+        first = preference_label(x, y, rng) if noisy else gold_prefers(x, y)
+        rows.append({"prompt": p, "chosen": x if first else y, "rejected": y if first else x})
+    return rows
+
+
+# ============================================================================ the pipeline
+@dataclass
+class PipelineConfig:
+    """Settings of ``rlhf-fast pipeline`` (YAML section ``pipeline:``)."""
+
+    output_dir: str = field(default="runs/demo", metadata={"help": "Where every stage and the report go."})
+    num_train_pairs: int = field(default=1600, metadata={"help": "RM training prompts (2 SFT samples each)."})
+    num_heldout_pairs: int = field(default=200, metadata={"help": "Held-out pairs for RM accuracy (noiseless labels)."})
+    pair_max_new_tokens: int = field(default=48, metadata={"help": "Tokens per sampled response."})
+    pair_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for pairs and evaluation."})
+    num_eval_prompts: int = field(default=200, metadata={"help": "Held-out prompts sampled before and after PPO."})
+    seed: int = 0
+    reuse_finished_stages: bool = field(default=False, metadata={"help": "Skip a stage whose directory is finished."})
+
+
+class GoldTracker:
+    """TrainerCallback factory: gold reward of each PPO step's own samples (never fed to PPO)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.trainer = None
+        self.rows: list[dict] = []
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        from rlhf_fast.demo_data import gold_reward
+
+        tracker = self
+
+        class _Gold(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                tr = tracker.trainer
+                ro = getattr(tr, "_last_rollout", None) if tr is not None else None
+                if ro is None:
+                    return control
+                texts = tracker.tokenizer.batch_decode([r[m] for r, m in zip(ro.responses, ro.response_mask)],
+                                                       skip_special_tokens=True)
+                last = state.log_history[-1] if state.log_history and state.log_history[-1].get("step") == \
+                    state.global_step else {}
+                tracker.rows.append({"step": state.global_step, "gold_reward": statistics.fmean(map(gold_reward, texts)),
+                                     "proxy_reward": last.get("objective/scores"), "kl": last.get("objective/kl")})
+                return control
+
+        return _Gold()
+
+
+def _stage_configs(config_path, overrides: dict[str, list[str]]):
+    from rlhf_fast.config import load_stage_config
+    from rlhf_fast.reward import RewardConfig
+    from rlhf_fast.sft import SFTConfig
+    from rlhf_fast.trainer.ppo_config import PPOConfig
+
+    with_pipe = config_path is not None and _has_section(config_path, "pipeline")
+    pipe = load_stage_config(PipelineConfig, config_path if with_pipe else None, "pipeline" if with_pipe else None,
+                             overrides.get("pipeline", []))
+    out = Path(pipe.output_dir)
+    sft = load_stage_config(SFTConfig, config_path, "sft", overrides.get("sft", []), output_dir=str(out / "sft"))
+    rm = load_stage_config(RewardConfig, config_path, "rm", overrides.get("rm", []), output_dir=str(out / "rm"),
+                           model_name_or_path=str(out / "sft"))
+    ppo = load_stage_config(PPOConfig, config_path, "ppo", overrides.get("ppo", []), output_dir=str(out / "ppo"),
+                            sft_model_path=str(out / "sft"), reward_model_path=str(out / "rm"))
+    return pipe, sft, rm, ppo
+
+
+def _has_section(path, section) -> bool:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    return isinstance(data, dict) and section in data
+
+
+def split_overrides(items: list[str]) -> dict[str, list[str]]:
+    """``sft.learning_rate=1e-3 ppo.kl_coef=0.1`` -> {"sft": [...], "ppo": [...]}; a key must name its stage."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        key = item.split("=", 1)[0]
+        if "." not in key or "=" not in item:
+            raise ValueError(f"pipeline override {item!r} must look like stage.key=value with stage in "
+                             "pipeline, sft, rm, ppo (e.g. ppo.kl_coef=0.1)")
+        stage, rest = item.split(".", 1)
+        if stage not in ("pipeline", "sft", "rm", "ppo"):
+            raise ValueError(f"pipeline override {item!r}: unknown stage {stage!r}; use pipeline, sft, rm or ppo")
+        out.setdefault(stage, []).append(rest)
+    return out
+
+
+def run_pipeline(config_path=None, overrides: list[str] | None = None) -> dict:
+    """SFT -> RM (on SFT samples labelled by the gold judge) -> PPO -> report. Returns summary.json's dict."""
+    from rlhf_fast.demo_data import demo_corpus, distinct_n, gold_reward, prompts_from_paragraphs
+    from rlhf_fast.reward import train_reward_model
+    from rlhf_fast.sft import train_sft
+    from rlhf_fast.stage_io import is_finished_stage
+
+    t0 = time.time()
+    pipe, sft_cfg, rm_cfg, ppo_cfg = _stage_configs(config_path, split_overrides(overrides or []))
+    out = Path(pipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = demo_corpus()
+    rng = random.Random(pipe.seed)
+    train_prompts = prompts_from_paragraphs(corpus.train)
+    heldout_prompts = prompts_from_paragraphs(corpus.heldout)
+    timings = {}
+
+    # ---- 1. SFT
+    t = time.time()
+    print("[pipeline] 1/4 SFT", flush=True)
+    if not (pipe.reuse_finished_stages and is_finished_stage(sft_cfg.output_dir)):
+        train_sft(sft_cfg)
+    timings["sft_seconds"] = time.time() - t
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_cfg.output_dir)
+    sft_model = AutoModelForCausalLM.from_pretrained(sft_cfg.output_dir, dtype=torch.float32)
+
+    # ---- 2. preference pairs sampled from the SFT model, judged by the gold judge
+    t = time.time()
+    print("[pipeline] 2/4 sampling preference pairs from the SFT model", flush=True)
+    pair_prompts = [rng.choice(train_prompts) for _ in range(pipe.num_train_pairs)]
+    train_pairs = preference_pairs(sft_model, tokenizer, pair_prompts, max_new_tokens=pipe.pair_max_new_tokens,
+                                   temperature=pipe.pair_temperature, seed=pipe.seed + 1, noisy=True)
+    held_prompts = [heldout_prompts[i % len(heldout_prompts)] for i in range(pipe.num_heldout_pairs)]
+    heldout_pairs = preference_pairs(sft_model, tokenizer, held_prompts, max_new_tokens=pipe.pair_max_new_tokens,
+                                     temperature=pipe.pair_temperature, seed=pipe.seed + 2, noisy=False)
+    _write_jsonl(out / "preference_pairs_train.jsonl", train_pairs)
+    _write_jsonl(out / "preference_pairs_heldout.jsonl", heldout_pairs)
+    timings["pairs_seconds"] = time.time() - t
+
+    # ---- 3. reward model
+    t = time.time()
+    print(f"[pipeline] 3/4 reward model on {len(train_pairs)} noisy pairs", flush=True)
+    if not (pipe.reuse_finished_stages and is_finished_stage(rm_cfg.output_dir)):
+        rm_result = train_reward_model(rm_cfg, train_dataset=train_pairs, eval_dataset=heldout_pairs)
+        rm_metrics = rm_result.metrics
+    else:
+        rm_metrics = json.loads((Path(rm_cfg.output_dir) / "COMPLETE").read_text())
+    rm_acc = float(rm_metrics.get("final_eval_accuracy", float("nan")))
+    timings["rm_seconds"] = time.time() - t
+    # the RM stage's held-out accuracy is on heldout_pairs, whose labels are the noiseless gold preference
+
+    # ---- 4. PPO against the learned reward model
+    t = time.time()
+    print("[pipeline] 4/4 PPO against the learned reward model", flush=True)
+    tracker = GoldTracker(tokenizer)
+    train_rows = [{"prompt": p, "input_ids": i} for p, i in zip(train_prompts, tokenizer(train_prompts)["input_ids"])]
+    trainer, ppo_dir = run_ppo_stage(ppo_cfg, callbacks=[tracker.callback()], train_rows=train_rows,
+                                     on_trainer=lambda tr: setattr(tracker, "trainer", tr))
+    timings["ppo_seconds"] = time.time() - t
+
+    # ---- evaluation on held-out prompts, same seeds before and after
+    eval_prompts = [heldout_prompts[i % len(heldout_prompts)] for i in range(pipe.num_eval_prompts)]
+    kw = dict(max_new_tokens=pipe.pair_max_new_tokens, temperature=pipe.pair_temperature, seed=pipe.seed + 3)
+    sft_samples = sample_texts(sft_model, tokenizer, eval_prompts, **kw)
+    ppo_samples = sample_texts(trainer.model.policy, tokenizer, eval_prompts, **kw)
+    _write_jsonl(out / "samples_sft.jsonl", [{"prompt": p, "response": r} for p, r in zip(eval_prompts, sft_samples)])
+    _write_jsonl(out / "samples_ppo.jsonl", [{"prompt": p, "response": r} for p, r in zip(eval_prompts, ppo_samples)])
+    g_sft = [gold_reward(x) for x in sft_samples]
+    g_ppo = [gold_reward(x) for x in ppo_samples]
+    history = trainer.state.log_history
+    summary = {
+        "gold_reward_sft": statistics.fmean(g_sft),
+        "gold_reward_ppo": statistics.fmean(g_ppo),
+        "gold_reward_sft_std": statistics.stdev(g_sft) if len(g_sft) > 1 else 0.0,
+        "gold_reward_ppo_std": statistics.stdev(g_ppo) if len(g_ppo) > 1 else 0.0,
+        "rm_heldout_accuracy": rm_acc,
+        "rm_train_pairs": len(train_pairs),
+        "rm_heldout_pairs": len(heldout_pairs),
+        "final_kl": history[-1]["objective/kl"] if history else float("nan"),
+        "final_proxy_reward": history[-1]["objective/scores"] if history else float("nan"),
+        "distinct2_sft": distinct_n(sft_samples, 2),
+        "distinct2_ppo": distinct_n(ppo_samples, 2),
+        "ppo_steps": trainer.state.global_step,
+        **{k: round(v, 2) for k, v in timings.items()},
+        "wall_seconds": time.time() - t0,
+    }
+    summary["targets"] = {
+        "wall_seconds <= 600": summary["wall_seconds"] <= 600,
+        "rm_heldout_accuracy >= 0.75": rm_acc >= 0.75,
+        "gold gain >= 0.5 * sft std": summary["gold_reward_ppo"] - summary["gold_reward_sft"]
+        >= 0.5 * summary["gold_reward_sft_std"],
+        "distinct2_ppo >= 0.8 * distinct2_sft": summary["distinct2_ppo"] >= 0.8 * summary["distinct2_sft"],
+    }
+    _write_jsonl(out / "ppo_gold.jsonl", tracker.rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plots = make_plots(out, tracker.rows, rm_cfg.output_dir)
+    write_report(out, summary, plots, eval_prompts, sft_samples, ppo_samples, g_sft, g_ppo)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def make_plots(out: Path, gold_rows: list[dict], rm_dir) -> list[str]:
+    """ppo_curves.png (proxy reward, gold reward, KL per PPO step) and rm_accuracy.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    if gold_rows:
+        steps = [r["step"] for r in gold_rows]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for ax, key, label in zip(axes, ("proxy_reward", "gold_reward", "kl"),
+                                  ("proxy reward (learned RM)", "gold reward (judge, unseen by PPO)", "KL to reference")):
+            ax.plot(steps, [r[key] if r[key] is not None else math.nan for r in gold_rows], marker=".")
+            ax.set_title(label)
+            ax.set_xlabel("PPO step")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "ppo_curves.png", dpi=100)
+        plt.close(fig)
+        paths.append("ppo_curves.png")
+    rm_metrics = Path(rm_dir) / "metrics.jsonl"
+    if rm_metrics.is_file():
+        pts = [json.loads(x) for x in rm_metrics.read_text().splitlines() if x.strip()]
+        pts = [(p["step"], p["eval_accuracy"]) for p in pts if "eval_accuracy" in p]
+        if pts:
+            fig, ax = plt.subplots(figsize=(5, 3.6))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+            ax.axhline(0.75, color="gray", ls="--", lw=1, label="target 0.75")
+            ax.set_title("RM held-out agreement with the gold judge")
+            ax.set_xlabel("RM step")
+            ax.set_ylim(0, 1)
+            ax.legend()
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(out / "rm_accuracy.png", dpi=100)
+            plt.close(fig)
+            paths.append("rm_accuracy.png")
+    return paths
+
+
+def write_report(out: Path, summary: dict, plots: list[str], prompts, sft_samples, ppo_samples, g_sft, g_ppo) -> None:
+    from rlhf_fast.demo_data import gold_reward
+
+    lines = [
+        "# rlhf_fast demo: SFT -> reward model -> PPO on a 2-core CPU",
+        "",
+        "A tiny Qwen2 (hidden 128, 2 layers) with a byte-level BPE tokenizer trained on Python's own",
+        "documentation text (`pydoc_data.topics`). Preference pairs are the SFT model's own samples,",
+        "labelled by a pinned *gold judge* with noise; the reward model learns from those labels; PPO",
+        "optimises the learned reward with a KL penalty and never sees the gold judge.",
+        "",
+        "Gold judge (`rlhf_fast.demo_data.gold_reward`): words = lowercase `[a-z]+` runs, n = len(words)",
+        "(n = 0 gives -1); gold = 2 x share of words in TARGET - share of repeated word bigrams",
+        "- 0.5 x min(1, |n - 30| / 30); labels: P(a preferred) = sigmoid(5 x (gold(a) - gold(b))).",
+        "TARGET = {function object value return list string module class method argument default example",
+        "type number error file name data code statement}.",
+        "",
+        "## Results",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for k in ("gold_reward_sft", "gold_reward_ppo", "gold_reward_sft_std", "rm_heldout_accuracy", "final_kl",
+              "distinct2_sft", "distinct2_ppo", "ppo_steps", "wall_seconds"):
+        v = summary[k]
+        lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    lines += ["", "| target | met |", "|---|---|"]
+    lines += [f"| {k} | {'yes' if v else 'NO'} |" for k, v in summary["targets"].items()]
+    lines.append("")
+    for p in plots:
+        lines += [f"![{p}]({p})", ""]
+    lines += ["## Samples on held-out prompts (same sampling seed before and after PPO)", ""]
+    order = sorted(range(len(prompts)), key=lambda i: g_sft[i] - g_ppo[i])[:3] + list(range(3))
+    seen = set()
+    for i in order:
+        if i in seen:
+            continue
+        seen.add(i)
+        lines += [f"**Prompt:** {prompts[i]}", "",
+                  f"- SFT (gold {gold_reward(sft_samples[i]):+.2f}): {sft_samples[i].strip()}",
+                  f"- PPO (gold {gold_reward(ppo_samples[i]):+.2f}): {ppo_samples[i].strip()}", ""]
+    (out / "report.md").write_text("\n".join(lines))
