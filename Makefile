@@ -30,8 +30,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not interpret" tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpret tests
 
+# The main job on its embedded default: SFT -> reward model -> PPO on a tiny model, report in runs/demo/.
 demo: $(STAMP)
-	$(PY) -m rlhf_fast.demo
+	$(PY) -m rlhf_fast.cli pipeline --config configs/demo.yaml
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
