@@ -10,7 +10,7 @@ import pkgutil
 from pathlib import Path
 
 import benchmarks
-from benchmarks import plot
+from benchmarks import plot, summary
 
 
 def bench_modules() -> list[str]:
@@ -29,8 +29,12 @@ def main(argv=None) -> None:
             continue
         print(f"\n=== {name} ===")
         sub = ["--device", args.device] + (["--full"] if args.full else [])
-        importlib.import_module(f"benchmarks.{name}").main(sub)
+        try:
+            importlib.import_module(f"benchmarks.{name}").main(sub)
+        except SystemExit as exc:  # a benchmark that cannot run here says why; the others still run
+            print(f"{name}: {exc}")
     plot.main([])
+    summary.main([])
 
 
 if __name__ == "__main__":
