@@ -184,11 +184,13 @@ def _stage_configs(config_path, overrides: dict[str, list[str]]):
     pipe = load_stage_config(PipelineConfig, config_path if with_pipe else None, "pipeline" if with_pipe else None,
                              overrides.get("pipeline", []))
     out = Path(pipe.output_dir)
-    sft = load_stage_config(SFTConfig, config_path, "sft", overrides.get("sft", []), output_dir=str(out / "sft"))
-    rm = load_stage_config(RewardConfig, config_path, "rm", overrides.get("rm", []), output_dir=str(out / "rm"),
-                           model_name_or_path=str(out / "sft"))
-    ppo = load_stage_config(PPOConfig, config_path, "ppo", overrides.get("ppo", []), output_dir=str(out / "ppo"),
-                            sft_model_path=str(out / "sft"), reward_model_path=str(out / "rm"))
+    # The stages live under the pipeline's output_dir and feed each other: these paths override the
+    # stage sections of the YAML (which name them for standalone use); a user override still wins.
+    sft = load_stage_config(SFTConfig, config_path, "sft", [f"output_dir={out / 'sft'}", *overrides.get("sft", [])])
+    rm = load_stage_config(RewardConfig, config_path, "rm", [f"output_dir={out / 'rm'}", f"model_name_or_path={out / 'sft'}",
+                                                            *overrides.get("rm", [])])
+    ppo = load_stage_config(PPOConfig, config_path, "ppo", [f"output_dir={out / 'ppo'}", f"sft_model_path={out / 'sft'}",
+                                                           f"reward_model_path={out / 'rm'}", *overrides.get("ppo", [])])
     return pipe, sft, rm, ppo
 
 
