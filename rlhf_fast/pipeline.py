@@ -111,8 +111,8 @@ def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, t
 def preference_pairs(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int,
                      noisy: bool) -> list[dict]:
     """Two samples per prompt from ``model``, ordered by the gold judge (noisy: labels drawn with
-    P = sigmoid(5·Δgold); else the noiseless preference). Identical or empty pairs are dropped."""
-    from rlhf_fast.demo_data import gold_prefers, preference_label
+    P = sigmoid(5·Δgold); else the noiseless preference, ties dropped). Identical or empty pairs are dropped."""
+    from rlhf_fast.demo_data import gold_prefers, gold_reward, preference_label
 
     a = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     b = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -121,6 +121,8 @@ def preference_pairs(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     rows = []
     for p, x, y in zip(prompts, a, b):
         if x == y or not x.strip() or not y.strip():  # identical or empty (immediate EOS): no preference
+            continue
+        if not noisy and gold_reward(x) == gold_reward(y):  # a tie has no noiseless preference to agree with
             continue
         first = preference_label(x, y, rng) if noisy else gold_prefers(x, y)
         rows.append({"prompt": p, "chosen": x if first else y, "rejected": y if first else x})

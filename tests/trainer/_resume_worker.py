@@ -72,6 +72,9 @@ def main(argv=None):
         torch.save(weights, out / f"weights_{a.mode}.pt")
         (out / f"history_{a.mode}.json").write_text(json.dumps(clean_history(tr.state.log_history)))
     if torch.distributed.is_initialized():
+        # Every rank reaches teardown together: a rank that destroys its group while the other is
+        # still writing can leave the slower one blocked in gloo's shutdown.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 
