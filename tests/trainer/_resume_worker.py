@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -80,4 +81,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Results are on disk; skip interpreter teardown, where a gloo thread was seen to block a rank
+    # for minutes after its peer exited (native thread, no Python frame), stalling the test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
