@@ -15,7 +15,8 @@ torch, transformers, trl and rlhf_fast.dpo at module top, so the baseline carrie
   rlhf_fast       our DPOTrainer (reference log-probs cached once before training, fused log-prob op)
 Time = median seconds per optimizer step after the first (wall clock between on_step_end callbacks;
 reference precomputation, data preparation and saving happen outside that window on every side).
-With --repeats N the sides run round-robin N times and each keeps its fastest run.
+With --repeats N the sides run round-robin N times and each keeps its fastest run. The note column
+carries the median process CPU time per step (less sensitive to a shared machine's load than wall time).
 """
 from __future__ import annotations
 
@@ -84,13 +85,19 @@ def preference_rows(vocab: int, n: int, seed: int = 1234) -> list[dict]:
              "rejected": " " + words(RESPONSE - 1) + " <eos>"} for _ in range(n)]
 
 
-def _step_stats(stamps: list[float]) -> dict:
-    intervals = [b - a for a, b in zip(stamps, stamps[1:])]  # step 2, 3, ...: the first step is not timed
+def _clock() -> tuple[float, float]:
+    """(wall, process CPU) seconds: CPU time per step is far less sensitive to other users of the machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def _step_stats(stamps: list[tuple[float, float]]) -> dict:
+    intervals = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]  # step 2, 3, ...: the first step is not timed
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
     if not intervals:
         return {"error": "fewer than 2 steps ran"}
     q = statistics.quantiles(intervals, n=5) if len(intervals) >= 2 else [intervals[0]] * 4
     return {"time_ms": statistics.median(intervals) * 1e3, "time_p20_ms": q[0] * 1e3, "time_p80_ms": q[3] * 1e3,
-            "timed_steps": len(intervals)}
+            "cpu_ms": statistics.median(cpu) * 1e3, "timed_steps": len(intervals)}
 
 
 def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "cpu") -> dict:
@@ -102,7 +109,7 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     out = tempfile.mkdtemp(prefix=f"bench_dpo_{provider}_")
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     if provider == "rlhf_fast":
         from rlhf_fast.dpo import DPOConfig, DPOTrainer
 
@@ -111,7 +118,7 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
                         learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=1.0, max_steps=steps,
                         logging_steps=1, eval_fraction=0.0, max_length=1024, disable_tqdm=True, seed=0)
         trainer = DPOTrainer(cfg, policy, tok, train_dataset=rows)
-        result = trainer.train(on_step_end=lambda step: stamps.append(time.perf_counter()))
+        result = trainer.train(on_step_end=lambda step: stamps.append(_clock()))
         stats = _step_stats(stamps)
         stats["train_loss"] = result.metrics["train_loss"]
         return stats
@@ -122,7 +129,7 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
+            stamps.append(_clock())
 
     args = TRLDPOConfig(output_dir=out, use_cpu=device == "cpu", bf16=False, per_device_train_batch_size=BATCH,
                         gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=1.0,
@@ -165,12 +172,14 @@ def main(argv=None) -> list[dict]:
         shape = f"B={BATCH} pairs, resp={RESPONSE}, V={vocab}"
         for p, r in res.items():
             pairs_per_s = BATCH / (r["time_ms"] * 1e-3) if "time_ms" in r else None
-            rows.append(make_row("dpo", "dpo_step", shape, "float32", p, r, args.device, pairs_per_s, "pairs/s"))
+            note = f"cpu_ms={r['cpu_ms']:.0f}" if "cpu_ms" in r else ""
+            rows.append(make_row("dpo", "dpo_step", shape, "float32", p, r, args.device, pairs_per_s, "pairs/s", note))
         ours = res.get("rlhf_fast", {})
         for base in [p for p in res if p != "rlhf_fast"]:
             b = res[base]
             line = (f"[V={vocab}] vs {base}: time ours/{base} = {ratio(ours.get('time_ms'), b.get('time_ms'))} "
-                    f"(speed-up {ratio(b.get('time_ms'), ours.get('time_ms'))}x), memory ours/{base} = "
+                    f"(speed-up {ratio(b.get('time_ms'), ours.get('time_ms'))}x; CPU time "
+                    f"{ratio(b.get('cpu_ms'), ours.get('cpu_ms'))}x), memory ours/{base} = "
                     f"{ratio(ours.get('mem_bytes'), b.get('mem_bytes'))}")
             if "error" in b:
                 line += f"  [{base} skipped: {b['error']}]"
