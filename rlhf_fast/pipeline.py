@@ -135,7 +135,7 @@ class PipelineConfig:
     """Settings of ``rlhf-fast pipeline`` (YAML section ``pipeline:``)."""
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Where every stage and the report go."})
-    num_train_pairs: int = field(default=1600, metadata={"help": "RM training prompts (2 SFT samples each)."})
+    num_train_pairs: int = field(default=4000, metadata={"help": "RM training prompts (2 SFT samples each)."})
     num_heldout_pairs: int = field(default=200, metadata={"help": "Held-out pairs for RM accuracy (noiseless labels)."})
     pair_max_new_tokens: int = field(default=48, metadata={"help": "Tokens per sampled response."})
     pair_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for pairs and evaluation."})
