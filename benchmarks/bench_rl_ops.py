@@ -107,13 +107,14 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="GPU-sized shapes (B up to 1024, T up to 8192)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads per side (0: all cores)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads per side (0: all cores)")
     args = ap.parse_args(argv)
     dev = args.device
     threads = args.threads or None
 
-    def run(**kw):
-        return run_isolated("benchmarks.bench_rl_ops:side", threads=threads, device=dev, **kw)
+    def run(mmap_threshold=True, **kw):
+        return run_isolated("benchmarks.bench_rl_ops:side", threads=threads, device=dev,
+                            mmap_threshold=mmap_threshold, **kw)
     rows, summary = [], []
 
     # ---- GAE: fused scan vs the Python loop over T
@@ -121,7 +122,11 @@ def main(argv=None) -> list[dict]:
     gae_res = {}
     for B in Bs:
         for T in Ts:
-            res = {p: run(op="gae", provider=p, B=B, T=T) for p in ("torch", "rlhf_fast")}
+            res = {}
+            for p in ("torch", "rlhf_fast"):
+                # time with the default allocator (as users run it), memory with the mmap threshold
+                timed = run(op="gae", provider=p, B=B, T=T, mmap_threshold=False)
+                res[p] = {**timed, "mem_bytes": run(op="gae", provider=p, B=B, T=T).get("mem_bytes")}
             gae_res[(B, T)] = res
             for p, r in res.items():
                 rows.append(make_row("rl_ops", "gae", f"{B}x{T}", "float32", p, r, dev,

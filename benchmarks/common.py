@@ -146,13 +146,19 @@ def _child(target: str, kwargs: dict) -> None:
     print(_CHILD_MARK + json.dumps(out), flush=True)
 
 
-def run_isolated(target: str, timeout: float = 1800, threads: int | None = None, **kwargs) -> dict:
+def run_isolated(target: str, timeout: float = 1800, threads: int | None = None, mmap_threshold: bool = True,
+                 **kwargs) -> dict:
     """Run ``module:function(**kwargs)`` in a fresh process; returns its dict plus ``mem_bytes``.
 
     On failure (e.g. out of memory) returns {"error": "..."} instead of raising, so a comparison
-    can report that one side did not complete.
+    can report that one side did not complete. mmap_threshold=False times with the default allocator
+    (its mem_bytes then overstates the op's own memory; take memory from a run with it on).
     """
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ)
+    if mmap_threshold:  # for memory: freed buffers go back to the OS, so RSS peaks are the op's own
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    else:  # for time only: the allocator as users run it (reused buffers, no fresh page faults)
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     env.pop("TRITON_INTERPRET", None)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
