@@ -108,7 +108,6 @@ class PPOConfig(TrainingArguments):
         default="auto", metadata={"help": "Dtype of a frozen reference; auto keeps the passed model's dtype."}
     )
     reference_offload: bool = field(default=False, metadata={"help": "Keep the frozen reference on CPU between uses."})
-    logprob_chunk_size: int | None = field(default=None, metadata={"help": "Token chunk of the fused log-prob op."})
     cliprange_high: float | None = field(default=None, metadata={"help": "Upper ratio clip (default: cliprange)."})
     dual_clip: float | None = field(default=None, metadata={"help": "Dual-clip constant c > 1 for A < 0."})
     loss_agg_mode: str = field(
@@ -130,7 +129,6 @@ class PPOConfig(TrainingArguments):
     distributed_strategy: Literal["ddp", "fsdp2"] = field(
         default="ddp", metadata={"help": "Under torchrun: DDP, or FSDP2 (fully_shard per decoder layer, then the root)."}
     )
-    save_rollouts: bool = field(default=False, metadata={"help": "Also write sampled completions as JSONL."})
 
     def __post_init__(self):
         self.bf16 = (not self.fp16) if self.bf16 is None else self.bf16
@@ -155,6 +153,14 @@ class PPOConfig(TrainingArguments):
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if self.advantage_estimator != "gae" or self.num_generations != 1:
+            # The critic-free estimators exist (rlhf_fast.estimators) but the PPO loop does not sample
+            # groups yet: refuse rather than silently run GAE.
+            raise NotImplementedError(
+                f"advantage_estimator={self.advantage_estimator!r} with num_generations={self.num_generations} is not "
+                "wired into PPOTrainer yet; use advantage_estimator='gae', num_generations=1 (the grpo/rloo/"
+                "reinforce_pp estimators are available as functions in rlhf_fast.estimators)"
+            )
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.optim not in SUPPORTED_OPTIMIZERS and str(getattr(self.optim, "value", self.optim)) not in SUPPORTED_OPTIMIZERS:

@@ -328,3 +328,8 @@ def test_dataclass_defaults_match_trl():
             c.cliprange, c.vf_coef, c.cliprange_value, c.gamma, c.lam, c.whiten_rewards, c.logging_steps,
             c.local_rollout_forward_batch_size, c.num_sample_generations, c.gradient_checkpointing, c.bf16) == (
         1, 4, 53, 0.7, 0.05, "k1", 0.2, 0.1, 0.2, 1.0, 0.95, False, 10, 64, 10, True, True)
+
+
+def test_group_estimators_are_refused_until_wired_in(tmp_path):
+    with pytest.raises(NotImplementedError, match="advantage_estimator='grpo'"):
+        config(tmp_path, advantage_estimator="grpo", num_generations=4)
