@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from rlhf_fast.models.loading import position_ids_from_mask
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -78,11 +80,6 @@ class Rollout(NamedTuple):
     response_mask: torch.Tensor
     contains_stop: torch.Tensor
     context_length: int
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Left padding aware positions: 0 at each row's first real token. [B, L] -> int64 [B, L]."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _forward_last(model, input_ids, attention_mask, position_ids, past):
