@@ -28,7 +28,15 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import append_rows, make_row, print_table, ratio, run_isolated
+from benchmarks.common import (
+    append_rows,
+    make_row,
+    print_table,
+    ratio,
+    run_isolated,
+    tiny_qwen2_config,
+    word_tokenizer,
+)
 
 try:  # imported before the memory baseline, so both sides carry the same libraries
     import torch
@@ -56,19 +64,12 @@ def _model_dir(root: str, vocab: int) -> str:
 
     Special tokens <pad> = 0, <unk> = 1, <eos> = 2, words t3 ... t{vocab-1}. (Special tokens are matched
     before pre-tokenization, so they must not be prefixes of words: "t2" as EOS would split "t27" in two.)"""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     path = os.path.join(root, f"tiny_qwen2_v{vocab}")
     if os.path.isdir(path):
         return path
-    words = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, vocab)}}
-    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-    cfg = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=512,
-                      pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    tok, cfg = word_tokenizer(vocab), tiny_qwen2_config(vocab)
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)

@@ -19,7 +19,15 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import append_rows, make_row, print_table, ratio, run_isolated
+from benchmarks.common import (
+    append_rows,
+    make_row,
+    print_table,
+    ratio,
+    run_isolated,
+    tiny_qwen2_config,
+    word_tokenizer,
+)
 
 try:  # imported before the memory baseline, so both sides carry the same libraries
     import torch
@@ -38,23 +46,12 @@ BATCH, RESPONSE, EPOCHS = 8, 64, 2
 
 def _models(model_dir: str, vocab: int):
     """Write the tiny policy / reward model and a word-level tokenizer once; return their paths."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen2ForSequenceClassification,
-    )
+    from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     sft, rm = os.path.join(model_dir, "sft"), os.path.join(model_dir, "rm")
     if os.path.isdir(sft) and os.path.isdir(rm):
         return sft, rm
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", unk_token="t1", eos_token="t2")
-    cfg = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=512,
-                      pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    tok, cfg = word_tokenizer(vocab), tiny_qwen2_config(vocab)
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(sft)
     tok.save_pretrained(sft)
@@ -74,7 +71,7 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
+        PreTrainedTokenizerFast,
         TrainerCallback,
     )
 
@@ -94,7 +91,7 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
     if provider == "rlhf_fast-shared":
         kwargs.update(critic="shared", reference_dtype="bf16")
     args = PPOConfig(**kwargs)
-    tok = AutoTokenizer.from_pretrained(sft, padding_side="left")
+    tok = PreTrainedTokenizerFast.from_pretrained(sft, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(sft)
     reward = AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1)
     if provider == "rlhf_fast-shared":

@@ -225,6 +225,32 @@ def ratio(ours, base) -> str:
         return "n/a"
 
 
+
+# ----------------------------------------------------------------------------- DESIGN.md's tiny model
+def tiny_qwen2_config(vocab: int):
+    """DESIGN.md's tiny benchmark model: Qwen2, hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads,
+    untied embeddings; <pad> = 0, <eos> = 2. Every end-to-end comparison is taken on this one config."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=512,
+                       pad_token_id=0, eos_token_id=2, bos_token_id=None)
+
+
+def word_tokenizer(vocab: int):
+    """Word-level tokenizer for the tiny model: <pad> = 0, <unk> = 1, <eos> = 2, words t3 ... t{vocab-1}.
+
+    Special tokens are matched before pre-tokenization, so they must not be prefixes of words ("t2" as EOS
+    would split "t27" in two). Reload it with PreTrainedTokenizerFast (AutoTokenizer picks the model's class)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         # Run through the importable module, not __main__, so the side function's
