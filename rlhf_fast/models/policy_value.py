@@ -10,6 +10,8 @@ Layout (``PolicyValueModel``):
   ``critic="separate"``: a second backbone (from a reward/value ``AutoModelForSequenceClassification``,
   whose ``score`` head initialises the value head; a copy of the policy backbone when none is given);
   no value gradient reaches the policy.
+  ``critic="none"``: no value head and no critic backbone at all (critic-free estimators: GRPO, RLOO,
+  REINFORCE++); ``value_head`` is None and ``forward`` returns ``values=None``.
 - reference: ``"lora"`` (same weights, adapters disabled), ``"frozen"`` (``FrozenReference``: bf16/fp16/
   fp32 copy, optionally offloaded to host memory between uses) or ``"none"`` (KL coefficient 0).
 
@@ -50,7 +52,7 @@ from rlhf_fast.models.reward import classifier_backbone, score_head
 from rlhf_fast.ops import fused_linear_logprobs
 
 REFERENCE_MODES = ("lora", "frozen", "none")
-CRITIC_MODES = ("shared", "separate")
+CRITIC_MODES = ("shared", "separate", "none")
 VALUE_HEAD_FILE = "value_head.pt"
 IGNORE_INDEX = -100
 
@@ -164,7 +166,7 @@ class PolicyValueModel(nn.Module):
             in-memory model becomes the policy itself (not copied): LoRA injection, dtype cast and
             dropout removal happen on it.
         reference: "lora" | "frozen" | "none" (see module docstring).
-        critic: "shared" | "separate". critic_model: optional AutoModelForSequenceClassification
+        critic: "shared" | "separate" | "none" (no value head, no critic: values are None). critic_model: optional AutoModelForSequenceClassification
             (num_labels=1) whose backbone becomes the separate critic and whose ``score`` initialises
             the value head.
         vf_coef: value-gradient scale into the shared backbone.
@@ -235,7 +237,8 @@ class PolicyValueModel(nn.Module):
         H = base.config.get_text_config().hidden_size
         device = get_lm_head(base).weight.device
         # fp32 value head; nn.Linear's default init (not zeros: a zero head passes no gradient to the trunk).
-        self.value_head = nn.Linear(H, 1, dtype=torch.float32, device=device)
+        # critic="none" builds none: no parameters, gradients or optimizer state for a critic.
+        self.value_head = nn.Linear(H, 1, dtype=torch.float32, device=device) if critic != "none" else None
         self.critic_backbone = None
         if critic == "separate":  # built from the untouched model, before LoRA / checkpointing
             self.critic_backbone = self._build_critic(critic_model, base, H, dtype, gradient_checkpointing, disable_dropout)
@@ -305,7 +308,7 @@ class PolicyValueModel(nn.Module):
         """Load the policy from a local directory (``save_pretrained`` output) and, when present, its value head."""
         pv = cls(os.fspath(path), **kwargs)
         vh = Path(path) / VALUE_HEAD_FILE
-        if vh.is_file():
+        if vh.is_file() and pv.value_head is not None:
             pv.value_head.load_state_dict(torch.load(vh, map_location=pv.value_head.weight.device, weights_only=True))
         return pv
 
@@ -337,7 +340,8 @@ class PolicyValueModel(nn.Module):
         """Log-probs (+ entropy) of the scored tokens and values, in one backbone pass (two with a separate critic).
 
         input_ids, attention_mask: [B, T]; give ``response_start`` (int P) or ``response_mask`` [B, T].
-        Returns ModelOutput of fp32 [B, T - P] (or [B, T]) tensors.
+        Returns ModelOutput of fp32 [B, T - P] (or [B, T]) tensors; values is None with critic="none"
+        (or return_values=False).
         """
         _check_batch(input_ids, attention_mask, response_start, response_mask)
         temperature = self.temperature if temperature is None else temperature
@@ -346,7 +350,7 @@ class PolicyValueModel(nn.Module):
             return_entropy, temperature,
         )
         values = None
-        if return_values:
+        if return_values and self.value_head is not None:
             if self.critic_backbone is None:
                 values = self.value_head(_ScaleGrad.apply(h, self.vf_coef).float()).squeeze(-1)
             else:
@@ -390,7 +394,9 @@ class PolicyValueModel(nn.Module):
     # ------------------------------------------------------------------ bookkeeping
     def components(self) -> dict[str, object]:
         """name -> module for ``rlhf_fast.memory.layout_bytes``: policy, value_head, critic, reference."""
-        comps: dict[str, object] = {"policy": self.policy, "value_head": self.value_head}
+        comps: dict[str, object] = {"policy": self.policy}
+        if self.value_head is not None:
+            comps["value_head"] = self.value_head
         if self.critic_backbone is not None:
             comps["critic"] = self.critic_backbone
         if self.reference is not None:
@@ -401,15 +407,18 @@ class PolicyValueModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def value_head_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.value_head is None:
+            return {}
         return {k: v.detach().clone() for k, v in self.value_head.state_dict().items()}
 
     def save_pretrained(self, directory, **kwargs) -> None:
         """Write the policy (full weights, or LoRA adapters in "lora" mode), the value head
-        (``value_head.pt``), the separate critic backbone (``critic/``) and the tokenizer if any."""
+        (``value_head.pt``, not with critic="none"), the separate critic backbone (``critic/``) and the tokenizer if any."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.policy.save_pretrained(d, **kwargs)
-        torch.save(self.value_head_state_dict(), d / VALUE_HEAD_FILE)
+        if self.value_head is not None:
+            torch.save(self.value_head_state_dict(), d / VALUE_HEAD_FILE)
         if self.critic_backbone is not None and hasattr(self.critic_backbone, "save_pretrained"):
             self.critic_backbone.save_pretrained(d / "critic", **kwargs)
         if self.tokenizer is not None:

@@ -32,6 +32,9 @@ HONOURED_TRAINING_ARGUMENTS = {
 # Set to a non-default value, these would change what the run computes: refuse rather than ignore.
 REJECTED_TRAINING_ARGUMENTS = {"deepspeed", "fsdp", "fsdp_config", "tf32", "torch_compile_backend"}
 SUPPORTED_OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "adamw_hf"}
+# Advantage estimators whose calling convention PPOTrainer knows (looked up in rlhf_fast.algos).
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+TRAINER_ESTIMATORS = ("gae",) + GROUP_ESTIMATORS
 
 
 @dataclass
@@ -43,6 +46,21 @@ class PPOConfig(TrainingArguments):
     missing_eos_penalty, sft_model_path, reward_model_path, num_ppo_epochs, whiten_rewards, kl_coef,
     kl_estimator, cliprange, vf_coef, cliprange_value, gamma, lam. Overridden TrainingArguments
     defaults as in TRL: logging_steps=10, gradient_checkpointing=True, bf16=None (-> not fp16).
+
+    Critic-free estimators (``advantage_estimator`` = "grpo" | "rloo" | "reinforce_pp"), TRL-GRPO style:
+    - ``num_generations`` n responses are sampled per prompt. The rollout batch counts **completions**,
+      as TRL's GRPOTrainer does: per rank, per_device_train_batch_size x gradient_accumulation_steps
+      completions = that / n prompts, so that product must be a multiple of n (whole groups per rank).
+      ``total_episodes`` counts completions too (default: num_train_epochs x prompts x n).
+    - No critic is built (critic="none" is selected automatically; asking for a critic is an error).
+    - ``kl_coef`` is the KL coefficient for every estimator: for "grpo"/"rloo" it is TRL GRPO's
+      ``beta``, a loss term beta x k3(policy || reference) per response token, aggregated with
+      ``loss_agg_mode``; for "reinforce_pp" (and "gae") it is the penalty -kl_coef x kl in the token
+      rewards (``kl_estimator``). kl_coef == 0 builds no reference model.
+    - ``scale_rewards`` (grpo only, TRL GRPOConfig's name): True divides by the group std (GRPO),
+      False keeps s - mean_g (Dr.GRPO; pair it with loss_agg_mode="seq-mean-token-sum-norm").
+    - ``whiten_advantages`` / ``whiten_rewards`` / ``lam`` / value fields apply to "gae" only
+      (reinforce_pp always whitens its returns over the global batch; gamma applies to it).
     """
 
     # ---- TrainingArguments defaults TRL overrides
@@ -96,9 +114,10 @@ class PPOConfig(TrainingArguments):
         default="demo", metadata={"help": "`rlhf-fast ppo`: prompts file (.jsonl/.json/.parquet, 'prompt' column) or 'demo'."}
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "`rlhf-fast ppo`: prompts for generate_completions."})
-    critic: Literal["auto", "shared", "separate"] = field(
+    critic: Literal["auto", "shared", "separate", "none"] = field(
         default="auto",
-        metadata={"help": "auto: 'separate' when a value_model is passed, else 'shared' (value head on the policy)."},
+        metadata={"help": "auto: 'none' with a critic-free advantage_estimator, else 'separate' when a value_model "
+                          "is passed, else 'shared' (value head on the policy)."},
     )
     reference: Literal["auto", "frozen", "lora", "none"] = field(
         default="auto",
@@ -121,8 +140,16 @@ class PPOConfig(TrainingArguments):
     kl_controller: Literal["fixed", "adaptive"] = field(default="fixed", metadata={"help": "KL coefficient control."})
     kl_target: float = field(default=6.0, metadata={"help": "Adaptive KL target (summed per sequence)."})
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (episodes)."})
-    advantage_estimator: str = field(default="gae", metadata={"help": "Advantage estimator registered in rlhf_fast.algos."})
-    num_generations: int = field(default=1, metadata={"help": "Samples per prompt (group estimators)."})
+    advantage_estimator: str = field(
+        default="gae",
+        metadata={"help": "gae (PPO with a critic) | grpo | rloo | reinforce_pp (critic-free; rlhf_fast.algos registry)."},
+    )
+    num_generations: int = field(
+        default=1, metadata={"help": "Responses sampled per prompt (group estimators); the batch counts completions."}
+    )
+    scale_rewards: bool = field(
+        default=True, metadata={"help": "grpo: divide by the group std (True, GRPO) or not (False, Dr.GRPO)."}
+    )
     max_nonfinite_steps: int = field(
         default=3, metadata={"help": "Stop after this many skipped steps with a non-finite reward, loss or grad norm."}
     )
@@ -153,14 +180,7 @@ class PPOConfig(TrainingArguments):
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
-        if self.advantage_estimator != "gae" or self.num_generations != 1:
-            # The critic-free estimators exist (rlhf_fast.estimators) but the PPO loop does not sample
-            # groups yet: refuse rather than silently run GAE.
-            raise NotImplementedError(
-                f"advantage_estimator={self.advantage_estimator!r} with num_generations={self.num_generations} is not "
-                "wired into PPOTrainer yet; use advantage_estimator='gae', num_generations=1 (the grpo/rloo/"
-                "reinforce_pp estimators are available as functions in rlhf_fast.estimators)"
-            )
+        self._check_estimator()
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.optim not in SUPPORTED_OPTIMIZERS and str(getattr(self.optim, "value", self.optim)) not in SUPPORTED_OPTIMIZERS:
@@ -177,6 +197,61 @@ class PPOConfig(TrainingArguments):
                 )
             warnings.warn(f"PPOConfig.{name}={value!r} is not used by rlhf_fast's PPOTrainer and has no effect",
                           stacklevel=2)
+
+    @property
+    def uses_critic(self) -> bool:
+        """True for "gae" (PPO with a value model); False for the critic-free group estimators."""
+        return self.advantage_estimator == "gae"
+
+    def _check_estimator(self) -> None:
+        from rlhf_fast.algos import list_advantage_estimators
+
+        registered = list_advantage_estimators()
+        supported = [n for n in TRAINER_ESTIMATORS if n in registered]
+        if self.advantage_estimator not in supported:
+            raise ValueError(
+                f"advantage_estimator={self.advantage_estimator!r} is not one PPOTrainer can run; valid: {supported} "
+                f"(registered in rlhf_fast.algos: {list(registered)})"
+            )
+        if self.scale_rewards in ("group", "none"):  # TRL GRPOConfig's string spellings
+            self.scale_rewards = self.scale_rewards == "group"
+        if not isinstance(self.scale_rewards, bool):
+            raise ValueError(f"scale_rewards must be True (GRPO), False (Dr.GRPO), 'group' or 'none', got "
+                             f"{self.scale_rewards!r} (per-batch scaling is not supported)")
+        n = self.num_generations
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"num_generations must be an int, got {type(n).__name__}")
+        if self.uses_critic:
+            if n != 1:
+                raise ValueError(
+                    f"num_generations={n} with advantage_estimator='gae': GAE samples one response per prompt; "
+                    "use num_generations=1, or a group estimator (advantage_estimator='grpo' | 'rloo' | 'reinforce_pp')"
+                )
+            if self.critic == "none":
+                raise ValueError("critic='none' with advantage_estimator='gae': GAE needs a value model; use "
+                                 "critic='auto'/'shared'/'separate' or a critic-free estimator ('grpo', 'rloo', "
+                                 "'reinforce_pp')")
+            return
+        if self.advantage_estimator == "rloo" and n < 2:
+            raise ValueError(
+                f"advantage_estimator='rloo' needs num_generations >= 2 (the baseline is the mean of the other "
+                f"responses to the same prompt), got {n}: set num_generations=2 or more, or use 'grpo'"
+            )
+        if self.critic in ("shared", "separate"):
+            raise ValueError(
+                f"critic={self.critic!r} with advantage_estimator={self.advantage_estimator!r}: the critic-free "
+                "estimators build no value model; leave critic='auto' (or set critic='none')"
+            )
+        local = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if local % n:
+            lower, upper = (local // n) * n, (local // n + 1) * n
+            sizes = " or ".join(str(x) for x in (lower, upper) if x > 0)
+            raise ValueError(
+                f"the per-rank rollout batch (per_device_train_batch_size x gradient_accumulation_steps = "
+                f"{self.per_device_train_batch_size} x {self.gradient_accumulation_steps} = {local} completions) "
+                f"is not divisible by num_generations={n}: each rank must hold whole groups of {n} responses per "
+                f"prompt; make that product a multiple of {n} (e.g. {sizes}) or change num_generations"
+            )
 
     def unsupported_settings(self) -> dict:
         """TrainingArguments fields set to a non-default value that this trainer does not read."""

@@ -330,6 +330,18 @@ def test_dataclass_defaults_match_trl():
         1, 4, 53, 0.7, 0.05, "k1", 0.2, 0.1, 0.2, 1.0, 0.95, False, 10, 64, 10, True, True)
 
 
-def test_group_estimators_are_refused_until_wired_in(tmp_path):
-    with pytest.raises(NotImplementedError, match="advantage_estimator='grpo'"):
-        config(tmp_path, advantage_estimator="grpo", num_generations=4)
+def test_group_estimators_are_accepted_and_validated(tmp_path):
+    c = config(tmp_path, advantage_estimator="grpo", num_generations=4, per_device_train_batch_size=4,
+               gradient_accumulation_steps=2)
+    assert (c.advantage_estimator, c.num_generations, c.uses_critic, c.scale_rewards) == ("grpo", 4, False, True)
+    assert config(tmp_path, advantage_estimator="grpo", scale_rewards="none", num_generations=2,
+                  per_device_train_batch_size=4).scale_rewards is False
+    with pytest.raises(ValueError, match=r"valid: \['gae', 'grpo', 'rloo', 'reinforce_pp'\]"):
+        config(tmp_path, advantage_estimator="ppo-gae")
+    with pytest.raises(ValueError, match="num_generations=2 or more"):
+        config(tmp_path, advantage_estimator="rloo", num_generations=1)
+    with pytest.raises(ValueError, match=r"not divisible by num_generations=3.*multiple of 3 \(e\.g\. 6 or 9\)"):
+        config(tmp_path, advantage_estimator="grpo", num_generations=3, per_device_train_batch_size=4,
+               gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="GAE samples one response per prompt"):
+        config(tmp_path, num_generations=4)
