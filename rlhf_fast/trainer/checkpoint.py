@@ -59,7 +59,10 @@ def run_fingerprint(trainer) -> dict:
     a = trainer.args
     cfg = trainer.model.policy.config
     ref = getattr(trainer.model, "reference", None)
-    ref_params = [p for _, p in list(ref.model.named_parameters())[:4]] if ref is not None and not ref.is_offloaded else []
+    if hasattr(ref, "fingerprint_params"):  # sharded under FSDP2: full copies taken before sharding
+        ref_params = ref.fingerprint_params()
+    else:
+        ref_params = [p for _, p in list(ref.model.named_parameters())[:4]] if ref is not None and not ref.is_offloaded else []
     return {
         "model_type": getattr(cfg, "model_type", None),
         "hidden_size": getattr(cfg.get_text_config(), "hidden_size", None),

@@ -164,3 +164,120 @@ def load_full_optimizer_state(trainer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(trainer.model, trainer.optimizer, state, options=_options_load())
+
+
+# =============================================================================== frozen models under FSDP2
+def shard_frozen(module: nn.Module, offload: bool = False) -> nn.Module:
+    """FSDP2-shard a frozen model (reference or reward): each decoder layer, then the root group
+    (embeddings, final norm, heads). Its memory per rank drops to 1/world_size of its weights plus one
+    gathered layer at a time. offload: keep the shards in host memory (FSDP2's CPUOffloadPolicy; CUDA)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    kwargs = {"offload_policy": CPUOffloadPolicy(pin_memory=True)} if offload and torch.cuda.is_available() else {}
+    for layer in decoder_layers(module):
+        fully_shard(layer, **kwargs)
+    fully_shard(module, **kwargs)
+    # Callers run the backbone and read head weights directly, not the root forward: initialise the
+    # root now (as wrap_model does) so layers never become roots themselves.
+    module._get_fsdp_state()._lazy_init()
+    return module
+
+
+@contextlib.contextmanager
+def root_gathered(module: nn.Module):
+    """All-gather only the root group of a sharded frozen model (embeddings, norm, heads) for a call
+    that bypasses the root forward; decoder layers gather themselves in their pre-forward hooks."""
+    module.unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()
+
+
+def _fingerprint_tensors(model: nn.Module, n: int = 4) -> list[torch.Tensor]:
+    return [p.detach().clone() for _, p in list(model.named_parameters())[:n]]
+
+
+class ShardedReference:
+    """A ``FrozenReference`` whose weights are FSDP2-sharded across ranks.
+
+    Same interface as FrozenReference (``model``, ``backbone``, ``lm_head``, ``onload``, ``offload``):
+    the policy-value model calls ``onload`` before a reference forward and ``offload`` after it (its
+    ``auto_offload`` is True), which here gather and release the root group; the layers gather one at
+    a time in their hooks. ``fingerprint_params`` keeps a full copy of the first tensors, taken before
+    sharding, so a checkpoint's reference checksum is the same under DDP, FSDP2 or one process.
+    """
+
+    auto_offload = True
+
+    def __init__(self, reference, offload: bool = False):
+        self._fingerprint = _fingerprint_tensors(reference.model)
+        reference.onload()  # a host-parked reference comes back before its weights are split
+        self.model = shard_frozen(reference.model, offload=offload)
+        self.backbone, self.lm_head = reference.backbone, reference.lm_head
+        self.dtype = reference.dtype
+        self.device = reference.device
+        self._gathered = False
+
+    @property
+    def is_offloaded(self) -> bool:
+        return not self._gathered
+
+    def fingerprint_params(self) -> list[torch.Tensor]:
+        return self._fingerprint
+
+    def resident_bytes(self) -> int:
+        """Bytes of this rank's shards (plus the root group while it is gathered)."""
+        return sum(_local(p).numel() * p.element_size() for p in self.model.parameters())
+
+    def onload(self, device=None) -> None:
+        if not self._gathered:
+            self.model.unshard()
+            self._gathered = True
+
+    def offload(self) -> None:
+        if self._gathered:
+            self.model.reshard()
+            self._gathered = False
+
+    def __repr__(self) -> str:
+        return f"ShardedReference({type(self.model).__name__}, dtype={self.dtype})"
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+class ShardedReward:
+    """A ``ModelReward`` whose sequence-classification model is FSDP2-sharded across ranks: every
+    scoring call gathers the root group (embeddings, norm, score head) around the adapter's own call.
+    Other attributes (``tokenizer``, ``model``, ``device``) pass through to the adapter."""
+
+    def __init__(self, reward, offload: bool = False):
+        self.inner = reward
+        shard_frozen(reward.model, offload=offload)
+
+    def __call__(self, *args, **kwargs):
+        with root_gathered(self.inner.model):
+            return self.inner(*args, **kwargs)
+
+    def score_ids(self, *args, **kwargs):
+        with root_gathered(self.inner.model):
+            return self.inner.score_ids(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def shard_frozen_models(trainer) -> None:
+    """Under FSDP2, shard the frozen reference and the reward model too (not only the trainable model),
+    so no rank holds a full copy of either. A callable reward or reference='lora'/'none' is left as is."""
+    from rlhf_fast.models import FrozenReference
+
+    offload = bool(getattr(trainer.args, "reference_offload", False))
+    ref = getattr(trainer.model, "reference", None)
+    if isinstance(ref, FrozenReference):
+        trainer.model.reference = ShardedReference(ref, offload=offload)
+    reward_model = getattr(trainer.reward, "model", None)
+    if isinstance(reward_model, nn.Module) and hasattr(trainer.reward, "score_ids"):
+        trainer.reward = ShardedReward(trainer.reward)
