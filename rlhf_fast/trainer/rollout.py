@@ -2,8 +2,10 @@
 
 Why not ``model.generate``: its per-token machinery (logits processors, stopping criteria,
 cache bookkeeping, full-vocab multinomial) costs more than the tiny models' forward on a CPU.
-This loop calls the model directly with ``logits_to_keep=1`` (the LM head runs on the last
-position only, also during prefill), samples by inverse CDF with one uniform per row, stops
+For Llama / Qwen2 / Mistral models (``rlhf_fast.models.decode.supports_fast_decode``) the forward
+passes go through ``LeanDecoder`` (static KV cache, no per-step mask building or cache bookkeeping);
+any other model is called directly with ``logits_to_keep=1``. Either way the LM head runs on the
+last position only, also during prefill. The loop samples by inverse CDF with one uniform per row, stops
 early once every row has emitted a stop token, and runs under ``torch.inference_mode``.
 
 Randomness is counter-based: row b at decode step t draws ``uniform(seed_b, t)`` from a
@@ -16,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from rlhf_fast.models.decode import LeanDecoder, fast_decode_unsupported_reason
 from rlhf_fast.models.loading import position_ids_from_mask
 
 _MASK64 = (1 << 64) - 1
@@ -104,6 +107,7 @@ def generate(
     seeds: torch.Tensor | None = None,
     trim: bool = True,
     inference_mode: bool = True,
+    fast_decode: bool | None = None,
 ) -> Rollout:
     """Sample responses for left-padded prompts with the model's KV cache.
 
@@ -113,15 +117,28 @@ def generate(
     become ``pad_token_id`` and are masked. trim: drop trailing columns no row needs (the loop
     exits early once every row has stopped, so R may be < max_new_tokens). inference_mode: run under
     ``torch.inference_mode`` (False: ``torch.no_grad``, needed when FSDP2 gathers parameters during
-    the decode, since inference tensors cannot be updated later).
+    the decode, since inference tensors cannot be updated later). fast_decode: None uses the lean
+    decoder when ``supports_fast_decode(model, P + max_new_tokens)``, else the model's own forward;
+    False forces the model's forward; True requires the lean decoder (ValueError naming the reason
+    when the model is not supported). Both paths consume the same uniforms, so they sample the same
+    tokens wherever their logits agree.
     """
     with torch.inference_mode() if inference_mode else torch.no_grad():
         return _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, temperature,
-                         stop_token_ids, seeds, trim)
+                         stop_token_ids, seeds, trim, fast_decode)
+
+
+def _use_fast_decode(model, fast_decode: bool | None, total_length: int) -> bool:
+    if fast_decode is False:
+        return False
+    reason = fast_decode_unsupported_reason(model, total_length)
+    if fast_decode and reason is not None:
+        raise ValueError(f"fast_decode=True but the lean decoder cannot run this model: {reason}")
+    return reason is None
 
 
 def _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, temperature, stop_token_ids,
-              seeds, trim) -> Rollout:
+              seeds, trim, fast_decode=None) -> Rollout:
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens (response_length) must be > 0, got {max_new_tokens}")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
@@ -140,7 +157,12 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, te
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped_at = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
 
-    logits, past = _forward_last(model, ids, attention_mask, positions, None)
+    decoder = None
+    if _use_fast_decode(model, fast_decode, P + max_new_tokens):
+        decoder = LeanDecoder(model, max_new_tokens, validate=False)
+        logits = decoder.prefill(ids, attention_mask)
+    else:
+        logits, past = _forward_last(model, ids, attention_mask, positions, None)
     next_pos = positions[:, -1:] + 1
     steps = 0
     for t in range(max_new_tokens):
@@ -157,6 +179,9 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, te
                 break
         if t + 1 == max_new_tokens:
             break
+        if decoder is not None:
+            logits = decoder.step(tok)
+            continue
         attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=torch.long, device=device)], dim=1)
         logits, past = _forward_last(model, tok.unsqueeze(1), attention_mask, next_pos, past)
         next_pos = next_pos + 1
