@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "ops.h"
 
 // Vectorisation note: under GCC's default -ftrapping-math a floating-point operation or comparison
@@ -221,39 +225,209 @@ int64_t token_rewards_f32(const float* scores, const float* kl, const uint8_t* m
   return bad;
 }
 
+namespace {
+
+// One row of the GAE scan over t in [t_begin, t_end), walking backwards; next_value / next_adv are
+// the carried state (in and out). Returns how many valid positions held a non-finite input.
+inline int64_t gae_row_scalar(const float* rr, const float* vr, const uint8_t* mr, float* ar, float* ret,
+                              int64_t t_begin, int64_t t_end, float gamma, float gamma_lam, float& next_value,
+                              float& next_adv) {
+  int64_t bad = 0;
+  float nv = next_value, na = next_adv;
+  for (int64_t t = t_end - 1; t >= t_begin; --t) {
+    if (mr[t]) {
+      const float v = vr[t];
+      const float delta = rr[t] + gamma * nv - v;
+      const float a = delta + gamma_lam * na;
+      bad += !std::isfinite(rr[t]) || !std::isfinite(v);
+      ar[t] = a;
+      ret[t] = a + v;
+      nv = v;
+      na = a;
+    } else {
+      ar[t] = 0.0f;
+      ret[t] = 0.0f;
+    }
+  }
+  next_value = nv;
+  next_adv = na;
+  return bad;
+}
+
+inline int64_t gae_row(const float* rewards, const float* values, const uint8_t* mask, const float* bootstrap,
+                       float* advantages, float* returns, int64_t b, int64_t T, float gamma, float gamma_lam) {
+  // Carried from the next valid position: its value (terminal 0, or the bootstrap value of a
+  // truncated response) and its advantage. Masked positions leave both untouched.
+  float next_value = bootstrap != nullptr ? bootstrap[b] : 0.0f;
+  float next_adv = 0.0f;
+  int64_t bad = bootstrap != nullptr ? !std::isfinite(next_value) : 0;
+  const int64_t o = b * T;
+  bad += gae_row_scalar(rewards + o, values + o, mask + o, advantages + o, returns + o, 0, T, gamma, gamma_lam,
+                        next_value, next_adv);
+  return bad;
+}
+
+constexpr int64_t kTileRows = 8;
+constexpr int64_t kStep = 8;
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define RLHF_FAST_GAE_AVX2 1
+
+// The scalar scan is one dependent FMA chain per row (~4-5 cycles per element). The AVX2 kernel
+// runs 8 rows in lockstep instead: it loads an 8-row x 8-step block, transposes it so that one
+// register holds the 8 rows at one time step, and walks the 8 steps with the carried state as
+// [8] vectors (8 independent chains per instruction; holes are per-lane blends), then transposes
+// the advantages and returns back. Compiled for AVX2+FMA only, chosen at run time
+// (__builtin_cpu_supports), so the extension still runs on CPUs without AVX2.
+
+__attribute__((target("avx2,fma"))) inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3,
+                                                           __m256& r4, __m256& r5, __m256& r6, __m256& r7) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r0 = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r2 = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r4 = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r6 = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// 8 rows x kStep steps from `base` (row stride T) -> x[k] = the 8 rows at step k.
+// The 128-bit lane exchange of the transpose is folded into the loads (vinsertf128 from memory
+// costs a load, not a shuffle): x[i] holds steps 0-3 of row i and row i+4, or steps 4-7 of both.
+__attribute__((target("avx2,fma"))) inline void load_block(const float* base, int64_t T, __m256 (&x)[kStep]) {
+  __m256 q[8];
+  for (int i = 0; i < 4; ++i) {
+    q[i] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(base + i * T)), _mm_loadu_ps(base + (i + 4) * T), 1);
+    q[i + 4] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(base + i * T + 4)),
+                                    _mm_loadu_ps(base + (i + 4) * T + 4), 1);
+  }
+  // q[i] (i < 4) = [row i steps 0-3 | row i+4 steps 0-3]; q[i+4] the same for steps 4-7.
+  for (int h = 0; h < 2; ++h) {
+    const __m256 t0 = _mm256_unpacklo_ps(q[4 * h + 0], q[4 * h + 1]), t1 = _mm256_unpackhi_ps(q[4 * h + 0], q[4 * h + 1]);
+    const __m256 t2 = _mm256_unpacklo_ps(q[4 * h + 2], q[4 * h + 3]), t3 = _mm256_unpackhi_ps(q[4 * h + 2], q[4 * h + 3]);
+    x[4 * h + 0] = _mm256_shuffle_ps(t0, t2, 0x44);
+    x[4 * h + 1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+    x[4 * h + 2] = _mm256_shuffle_ps(t1, t3, 0x44);
+    x[4 * h + 3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline void store_block(float* base, int64_t T, __m256 (&x)[kStep]) {
+  transpose8(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]);
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(base + i * T, x[i]);
+}
+
+// Rows b0 .. b0+7. T % kStep trailing steps run scalar first (they are the latest in time), then
+// whole blocks walk down to t = 0.
+__attribute__((target("avx2,fma"))) int64_t gae_tile_avx2(const float* rewards, const float* values,
+                                                          const uint8_t* mask, const float* bootstrap,
+                                                          float* advantages, float* returns, int64_t b0,
+                                                          int64_t T, float gamma, float gamma_lam) {
+  alignas(32) float next_value[kTileRows];
+  alignas(32) float next_adv[kTileRows];
+  int64_t bad = 0;
+  const int64_t t_vec = T - T % kStep;
+  for (int64_t i = 0; i < kTileRows; ++i) {
+    const int64_t o = (b0 + i) * T;
+    next_value[i] = bootstrap != nullptr ? bootstrap[b0 + i] : 0.0f;
+    next_adv[i] = 0.0f;
+    if (bootstrap != nullptr) bad += !std::isfinite(next_value[i]);
+    bad += gae_row_scalar(rewards + o, values + o, mask + o, advantages + o, returns + o, t_vec, T, gamma,
+                          gamma_lam, next_value[i], next_adv[i]);
+  }
+  __m256 nv = _mm256_load_ps(next_value);
+  __m256 na = _mm256_load_ps(next_adv);
+  const __m256 g = _mm256_set1_ps(gamma);
+  const __m256 gl = _mm256_set1_ps(gamma_lam);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256i zero = _mm256_setzero_si256();
+  // A non-finite input at a valid position makes that position's return non-finite (inf - inf,
+  // NaN and inf all propagate through the FMAs and the + v), so one NaN-collecting FMA per step
+  // flags the tile; only then is the exact count taken (a scalar pass, on the error path only). An
+  // overflow of finite inputs may flag a tile too: the recount then finds nothing.
+  const __m256 zero_ps = _mm256_setzero_ps();
+  __m256 nonfinite_probe = zero_ps;
+  const float* r0 = rewards + b0 * T;
+  const float* v0 = values + b0 * T;
+  const uint8_t* m0 = mask + b0 * T;
+  float* a0 = advantages + b0 * T;
+  float* ret0 = returns + b0 * T;
+  for (int64_t t0 = t_vec - kStep; t0 >= 0; t0 -= kStep) {
+    __m256 r[kStep], v[kStep], on[kStep], a[kStep], ret[kStep];
+    load_block(r0 + t0, T, r);
+    load_block(v0 + t0, T, v);
+    // Mask bytes widened to int32; any nonzero byte is valid (as in the scalar path) -> all-ones lane.
+    for (int i = 0; i < 8; ++i) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(m0 + i * T + t0));
+      on[i] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(bytes), zero));
+    }
+    transpose8(on[0], on[1], on[2], on[3], on[4], on[5], on[6], on[7]);
+    for (int k = kStep - 1; k >= 0; --k) {
+      // On a valid lane A = δ + γλ·A_next; on a hole A_next passes through = 0 + 1·A_next. Folding
+      // the select into the FMA's operands keeps one FMA (no blend) on the carried chain.
+      const __m256 delta = _mm256_and_ps(_mm256_fmadd_ps(g, nv, _mm256_sub_ps(r[k], v[k])), on[k]);
+      na = _mm256_fmadd_ps(_mm256_blendv_ps(one, gl, on[k]), na, delta);
+      nv = _mm256_blendv_ps(nv, v[k], on[k]);
+      a[k] = _mm256_and_ps(na, on[k]);
+      ret[k] = _mm256_and_ps(_mm256_add_ps(na, v[k]), on[k]);
+      // ret·0 is NaN exactly when ret is NaN or ±inf (0 on masked lanes).
+      nonfinite_probe = _mm256_fmadd_ps(ret[k], zero_ps, nonfinite_probe);
+    }
+    store_block(a0 + t0, T, a);
+    store_block(ret0 + t0, T, ret);
+  }
+  if (_mm256_movemask_ps(_mm256_cmp_ps(nonfinite_probe, nonfinite_probe, _CMP_UNORD_Q)) != 0) {
+    for (int64_t i = 0; i < kTileRows; ++i) {
+      const int64_t o = (b0 + i) * T;
+      for (int64_t t = 0; t < t_vec; ++t) {
+        bad += (mask[o + t] != 0) & (!std::isfinite(rewards[o + t]) | !std::isfinite(values[o + t]));
+      }
+    }
+  }
+  return bad;
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+}  // namespace
+
 int64_t gae_f32(const float* rewards, const float* values, const uint8_t* mask, const float* bootstrap,
                 float* advantages, float* returns, int64_t B, int64_t T, float gamma, float lam) {
   int64_t bad = 0;
   const float gamma_lam = gamma * lam;
-  // The scan is latency-bound (one dependent FMA chain per row), so two threads pay off much
-  // earlier than for the bandwidth-bound element-wise kernels.
+  int64_t n_tiles = 0;
+#ifdef RLHF_FAST_GAE_AVX2
+  // A tile needs a whole block of steps per row to pay off.
+  if (T >= kStep && cpu_has_avx2_fma()) n_tiles = B / kTileRows;
+#endif
+  // Work units: n_tiles tiles of 8 rows, then the leftover rows one by one (scalar).
+  const int64_t n_units = n_tiles + (B - n_tiles * kTileRows);
+  // Even vectorised the scan is cheap per byte, so two threads pay off much earlier than for the
+  // element-wise kernels.
 #pragma omp parallel for schedule(static) reduction(+ : bad) if (B * T >= kScanParallelMinElems)
-  for (int64_t b = 0; b < B; ++b) {
-    const float* rr = rewards + b * T;
-    const float* vr = values + b * T;
-    const uint8_t* mr = mask + b * T;
-    float* ar = advantages + b * T;
-    float* ret = returns + b * T;
-    // Carried from the next valid position: its value (terminal 0, or the bootstrap value of a
-    // truncated response) and its advantage. Masked positions leave both untouched.
-    float next_value = bootstrap != nullptr ? bootstrap[b] : 0.0f;
-    float next_adv = 0.0f;
-    if (bootstrap != nullptr) bad += !std::isfinite(next_value);
-    for (int64_t t = T - 1; t >= 0; --t) {
-      if (mr[t]) {
-        const float v = vr[t];
-        const float delta = rr[t] + gamma * next_value - v;
-        const float a = delta + gamma_lam * next_adv;
-        bad += !std::isfinite(rr[t]) || !std::isfinite(v);
-        ar[t] = a;
-        ret[t] = a + v;
-        next_value = v;
-        next_adv = a;
-      } else {
-        ar[t] = 0.0f;
-        ret[t] = 0.0f;
-      }
+  for (int64_t u = 0; u < n_units; ++u) {
+#ifdef RLHF_FAST_GAE_AVX2
+    if (u < n_tiles) {
+      bad += gae_tile_avx2(rewards, values, mask, bootstrap, advantages, returns, u * kTileRows, T, gamma,
+                           gamma_lam);
+      continue;
     }
+#endif
+    bad += gae_row(rewards, values, mask, bootstrap, advantages, returns, n_tiles * kTileRows + (u - n_tiles), T,
+                   gamma, gamma_lam);
   }
   return bad;
 }

@@ -121,6 +121,107 @@ def test_cpp_matches_reference_large():
     _check("cpp", 1040, 1024, torch.float32, 0.99, 0.95, True)  # OpenMP path (B·T >= 2^20)
 
 
+# The C++ scan runs 8 rows in lockstep on AVX2 CPUs (tiles of 8 rows x blocks of 8 steps, leftover
+# rows and the T % 8 latest steps scalar). These shapes put rows and steps on every side of those
+# boundaries; on a CPU without AVX2 they exercise the scalar path instead.
+@needs_ext
+@pytest.mark.parametrize("gamma,lam", [(0.0, 0.0), (0.95, 0.95), (1.0, 1.0), (1.0, 0.95), (0.0, 1.0)])
+@pytest.mark.parametrize("B,T", [(8, 8), (8, 16), (16, 9), (17, 33), (7, 64), (24, 7), (1, 4096), (9, 100)])
+@pytest.mark.parametrize("with_bootstrap", [False, True])
+def test_cpp_row_tiles_match_reference(B, T, gamma, lam, with_bootstrap):
+    _check("cpp", B, T, torch.float32, gamma, lam, with_bootstrap)
+
+
+def _tile_boundary_masks(B, T):
+    """Masks whose holes and response edges fall on the row-tile (8) and step-block (8) edges."""
+    pos = torch.arange(T)
+    rows = torch.arange(B)[:, None]
+    straddle = torch.ones(B, T, dtype=torch.bool)
+    for t in (7, 8, 15, 16, T - T % 8 - 1, T - T % 8):  # last step of a block, first of the next
+        if 0 <= t < T:
+            straddle[:, t] = False
+    straddle[7::8, :] &= pos[None, :] % 3 != 0  # row 7 of each tile (and row 8 starts the next)
+    # a hole run crossing a block edge, whose length differs per row
+    run = (pos[None, :] >= 5) & (pos[None, :] < 5 + (rows % 8) + 4)
+    return {
+        "straddle": straddle,
+        "hole_runs": ~run,
+        # responses ending / starting exactly on a block edge, or one step either side of it
+        "right_on_edges": pos[None, :] < (8 * (rows % 4) + (rows % 3) - 1).clamp(min=0),
+        "left_on_edges": pos[None, :] >= (T - 8 * (rows % 4) - (rows % 3) + 1).clamp(max=T),
+        "only_tail": (pos[None, :] >= T - T % 8).expand(B, T).clone(),  # valid steps only in the scalar tail
+        "only_first": (pos[None, :] == 0).expand(B, T).clone(),
+    }
+
+
+@needs_ext
+@pytest.mark.parametrize("B,T", [(16, 37), (9, 24), (8, 8)])
+@pytest.mark.parametrize("with_bootstrap", [False, True])
+def test_cpp_holes_across_tile_and_block_edges(B, T, with_bootstrap):
+    g = torch.Generator().manual_seed(11)
+    r, v = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    boot = torch.randn(B, generator=g) if with_bootstrap else None
+    for gamma, lam in ((0.95, 0.95), (1.0, 1.0), (0.5, 0.0)):
+        for name, mask in _tile_boundary_masks(B, T).items():
+            ref = gae_reference(r, v, mask, gamma, lam, boot)
+            got = gae(r, v, mask, gamma, lam, bootstrap_values=boot, backend="cpp")
+            msg = f"{name} gamma={gamma} lam={lam}"
+            torch.testing.assert_close(got.advantages, ref.advantages, atol=1e-5, rtol=1e-5, msg=msg)
+            torch.testing.assert_close(got.returns, ref.returns, atol=1e-5, rtol=1e-5, msg=msg)
+            assert (got.advantages[~mask] == 0).all() and (got.returns[~mask] == 0).all(), msg
+
+
+@needs_ext
+def test_cpp_masked_garbage_never_leaks_in_row_tiles():
+    g = torch.Generator().manual_seed(5)
+    r, v = torch.randn(19, 45, generator=g), torch.randn(19, 45, generator=g)
+    mask = torch.rand(19, 45, generator=g) < 0.6
+    clean = gae(r, v, mask, 0.9, 0.9, backend="cpp")
+    r[~mask] = float("nan")
+    v[~mask] = float("-inf")
+    r[mask & (torch.rand(19, 45, generator=g) < 0.1)] *= 1e3  # finite, merely large
+    dirty = gae(r, v, mask, 0.9, 0.9, backend="cpp")
+    ref = gae_reference(torch.where(mask, r, 0.0), torch.where(mask, v, 0.0), mask, 0.9, 0.9)
+    assert torch.isfinite(dirty.advantages).all() and torch.isfinite(dirty.returns).all()
+    torch.testing.assert_close(dirty.advantages, ref.advantages, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(dirty.returns, ref.returns, atol=1e-3, rtol=1e-5)
+    assert not torch.equal(clean.advantages, dirty.advantages)  # the large rewards did reach the scan
+
+
+@needs_ext
+def test_cpp_counts_nonfinite_inputs_exactly_in_row_tiles():
+    # Non-finite inputs at valid positions inside the vectorised part of a tile (rows 0-7 and 8-15,
+    # steps 0-31), in the scalar tail (step 33) and in a leftover row (16): every one is counted once
+    # (a position whose reward and value are both bad counts once); masked ones are not counted.
+    r, v = torch.randn(17, 34), torch.randn(17, 34)
+    mask = torch.ones(17, 34, dtype=torch.bool)
+    mask[2, 5] = False
+    r[2, 5] = float("nan")  # masked: ignored
+    r[0, 0] = float("nan")
+    v[3, 17] = float("inf")
+    r[9, 31], v[9, 31] = float("inf"), float("-inf")  # one position
+    v[12, 33] = float("nan")  # scalar tail of a tile
+    r[16, 4] = float("-inf")  # leftover row
+    with pytest.raises(ValueError, match=r"\(5 values\)"):
+        gae(r, v, mask, 0.99, 0.95, backend="cpp")
+    r[0, 0] = 1.0
+    with pytest.raises(ValueError, match=r"\(4 values\)"):
+        gae(r, v, mask, 0.99, 0.95, backend="cpp")
+
+
+@needs_ext
+def test_cpp_overflow_of_finite_inputs_is_not_reported():
+    # Finite inputs whose returns overflow to inf are not non-finite inputs: no error, like the
+    # reference (which returns the same inf).
+    r = torch.full((8, 16), 3e38)
+    v = torch.full((8, 16), -3e38)
+    mask = torch.ones(8, 16, dtype=torch.bool)
+    got = gae(r, v, mask, 1.0, 1.0, backend="cpp")
+    ref = gae_reference(r, v, mask, 1.0, 1.0)
+    assert torch.isinf(got.advantages).all()
+    torch.testing.assert_close(got.advantages, ref.advantages)
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize("gamma,lam", GAMMA_LAM)
 def test_triton_matches_reference(gamma, lam):
