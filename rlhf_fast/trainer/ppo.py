@@ -11,6 +11,11 @@ their own loop can call directly:
     adv     = compute_advantages(fwd, scores, kl_coef, ...)                    # KL-shaped rewards, GAE, whitening
     stats   = ppo_update(model, optimizer, batch, adv, ...)                    # epochs x minibatches x micro-batches
 
+Critic-free estimators (``advantage_estimator`` = "grpo" | "rloo" | "reinforce_pp", TRL-GRPO style):
+``num_generations`` responses per prompt, contiguous rows per group, no value model, advantages from
+the ``rlhf_fast.algos`` registry (``compute_group_advantages``); for grpo/rloo the KL to the reference
+is a loss term ``kl_coef`` x k3 per token, for reinforce_pp it stays in the token rewards.
+
 Everything runs on torch.distributed when a process group is initialised (torchrun): prompts are
 sharded by rank, whitening statistics and token counts are global, gradients are averaged by DDP.
 """
@@ -28,10 +33,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from rlhf_fast.algos import get_advantage_estimator
 from rlhf_fast.models import PolicyValueModel, ensure_pad_token, make_reward
 from rlhf_fast.ops.gae import gae
 from rlhf_fast.ops.kl import kl_penalty, token_rewards
-from rlhf_fast.ops.ppo_loss import ppo_policy_loss, value_loss
+from rlhf_fast.ops.ppo_loss import aggregate_loss, ppo_policy_loss, value_loss
 from rlhf_fast.ops.whiten import masked_whiten
 from rlhf_fast.trainer.logging import MetricsLogger
 from rlhf_fast.trainer.ppo_config import PPOConfig
@@ -192,21 +198,28 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
 
 # =============================================================================== the step, as functions
 class RolloutForward(NamedTuple):
-    """No-grad forward results on a rollout. All fp32 [B, R] (0 where the response mask is 0)."""
+    """No-grad forward results on a rollout. All fp32 [B, R] (0 where the response mask is 0).
 
-    logprobs: torch.Tensor
+    logprobs is None when the update recomputes them on-policy (critic-free, one epoch, one minibatch);
+    values is None without a critic; ref_logprobs is None without a reference."""
+
+    logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
-    values: torch.Tensor
+    values: torch.Tensor | None
 
 
 class Advantages(NamedTuple):
-    """rewards, kl, advantages, returns: fp32 [B, R]; non_score_reward: -kl_coef * kl (masked)."""
+    """rewards, kl, advantages, returns: fp32 [B, R]; non_score_reward: -kl_coef * kl (masked).
+
+    Critic-free estimators: returns is None; rewards are the token rewards (score on the last valid
+    token, plus -kl_coef x kl for reinforce_pp); kl is the per-token estimate of the old policy
+    against the reference (k3 for grpo/rloo, the one their loss term uses)."""
 
     rewards: torch.Tensor
     kl: torch.Tensor
     non_score_reward: torch.Tensor
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
 
 
 def autocast_ctx(device: torch.device, bf16: bool, fp16: bool = False):
@@ -274,24 +287,32 @@ def _pad_right(x: torch.Tensor, R: int) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout_forward(model: PolicyValueModel, rollout: Rollout, prompt_mask: torch.Tensor, *, temperature: float,
-                    need_reference: bool, chunk_size: int = 64, autocast=contextlib.nullcontext) -> RolloutForward:
-    """Old log-probs and values (one policy-value forward) and reference log-probs, in row chunks."""
+                    need_reference: bool, chunk_size: int = 64, autocast=contextlib.nullcontext,
+                    need_policy: bool = True) -> RolloutForward:
+    """Old log-probs and values (one policy-value forward) and reference log-probs, in row chunks.
+
+    need_policy=False skips the policy forward (logprobs and values None): the on-policy critic-free
+    update takes its old log-probs from its own forward. Values are None when the model has no critic."""
     R = rollout.responses.shape[1]
+    with_values = need_policy and getattr(model, "value_head", None) is not None
     lps, refs, vals = [], [], []
     for s in range(0, rollout.responses.shape[0], chunk_size):
         sl = slice(s, s + chunk_size)
         ids, attn, start, cols = trim_batch(rollout.query_responses[sl], prompt_mask[sl], rollout.response_mask[sl])
         m = rollout.response_mask[sl][:, :cols]
         with autocast():
-            out = model(ids, attn, response_start=start, return_entropy=False, return_values=True,
-                        temperature=temperature)
+            out = model(ids, attn, response_start=start, return_entropy=False, return_values=with_values,
+                        temperature=temperature) if need_policy else None
             ref = model.reference_logprobs(ids, attn, response_start=start, temperature=temperature) \
                 if need_reference else None
-        lps.append(_pad_right(out.logprobs.float() * m, R))
-        vals.append(_pad_right(out.values.float() * m, R))
+        if out is not None:
+            lps.append(_pad_right(out.logprobs.float() * m, R))
+        if with_values:
+            vals.append(_pad_right(out.values.float() * m, R))
         if ref is not None:
             refs.append(_pad_right(ref.float() * m, R))
-    return RolloutForward(torch.cat(lps), torch.cat(refs) if need_reference else None, torch.cat(vals))
+    return RolloutForward(torch.cat(lps) if need_policy else None, torch.cat(refs) if need_reference else None,
+                          torch.cat(vals) if with_values else None)
 
 
 def compute_advantages(fwd: RolloutForward, scores: torch.Tensor, response_mask: torch.Tensor, *, kl_coef: float,
@@ -313,6 +334,60 @@ def compute_advantages(fwd: RolloutForward, scores: torch.Tensor, response_mask:
     return Advantages(rewards, kl, non_score, adv, returns)
 
 
+def group_indices(prompt_indices: torch.Tensor, num_generations: int, run_seed: int, round_index: int):
+    """Rows of a grouped rollout: each prompt repeated ``num_generations`` times contiguously.
+
+    Returns (row prompt indices int64 [G * n], row seeds int64 [G * n]). Row g*n + j samples generation j
+    of prompt g with the seed of the virtual global index (prompt index x n + j), so the samples of one
+    group differ, and a (prompt, generation, round) gets the same sample whatever the rank count."""
+    n = int(num_generations)
+    rows = prompt_indices.to(torch.int64).repeat_interleave(n)
+    gen = torch.arange(n, dtype=torch.int64).repeat(prompt_indices.numel())
+    return rows, prompt_seeds(run_seed, rows * n + gen, round_index)
+
+
+def group_reward_stats(scores: torch.Tensor, num_generations: int, group=None) -> dict[str, float]:
+    """TRL GRPO's ``reward_std`` (mean over groups of the within-group std, unbiased) and
+    ``frac_reward_zero_std`` (share of groups whose scores are all equal), over every rank."""
+    grouped = scores.detach().float().reshape(-1, num_generations)
+    std = grouped.std(dim=1, unbiased=True) if num_generations > 1 else torch.zeros(grouped.shape[0])
+    zero = (grouped.max(dim=1).values - grouped.min(dim=1).values) == 0
+    tot = all_reduce_sum(torch.stack([std.sum(), zero.float().sum(), torch.tensor(float(grouped.shape[0]))]))
+    return {"reward_std": float(tot[0] / tot[2]), "frac_reward_zero_std": float(tot[1] / tot[2])}
+
+
+def compute_group_advantages(fwd: RolloutForward, scores: torch.Tensor, response_mask: torch.Tensor, *,
+                             estimator: str, num_generations: int, kl_coef: float, kl_estimator: str = "k1",
+                             gamma: float = 1.0, scale_rewards: bool = True, group=None) -> Advantages:
+    """Critic-free advantages [B, R] fp32 from the ``rlhf_fast.algos`` registry.
+
+    grpo / rloo: one advantage per sequence from ``scores`` [B] (groups of ``num_generations``
+    contiguous rows), broadcast over the row's valid response tokens; the KL is not in the reward
+    (the trainer adds kl_coef x k3 to the loss), kl here is k3 of the rollout policy for the metrics.
+    reinforce_pp: token rewards = score on the last valid token - kl_coef x kl (``kl_estimator``),
+    discounted returns whitened over the global batch (``group``).
+    fwd.logprobs may be None for grpo/rloo (on-policy update): kl is then zeros here and the trainer
+    reports the KL measured by the update's own forward."""
+    mask = response_mask.bool()
+    fn = get_advantage_estimator(estimator)
+    token_level = estimator == "reinforce_pp"
+    if fwd.ref_logprobs is not None and fwd.logprobs is not None:
+        kl = kl_penalty(fwd.logprobs, fwd.ref_logprobs, estimator=kl_estimator if token_level else "k3") * mask
+    elif fwd.ref_logprobs is not None and token_level:
+        raise ValueError("reinforce_pp with a reference needs fwd.logprobs for its KL-shaped token rewards")
+    else:
+        kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if token_level:
+        rewards = token_rewards(scores, kl, mask, kl_coef)
+        adv = fn(rewards, mask, gamma=gamma, group=group)
+    else:
+        rewards = token_rewards(scores, torch.zeros_like(kl), mask, 0.0)
+        kwargs = {"scale_by_std": bool(scale_rewards)} if estimator == "grpo" else {}
+        per_seq = fn(scores, num_generations, **kwargs)
+        adv = per_seq.unsqueeze(1) * mask
+    return Advantages(rewards, kl, -kl_coef * kl, adv, None)
+
+
 # =============================================================================== trainer state
 @dataclass
 class StepStats:
@@ -325,22 +400,28 @@ class StepStats:
     vf_clipfrac: list
     entropy: list
     ratio: list
+    kl: list = None  # critic-free with a KL loss term: mean per-token k3 of the policy vs the reference
 
     @classmethod
     def empty(cls):
-        return cls([], [], [], [], [], [], [])
+        return cls([], [], [], [], [], [], [], [])
 
     def means(self) -> dict[str, float]:
         def m(xs):
             return float(torch.stack(xs).mean()) if xs else float("nan")
 
         ratios = torch.stack(self.ratio) if self.ratio else torch.zeros(1)
-        return {
+        out = {
             "policy/approxkl_avg": m(self.approxkl), "policy/clipfrac_avg": m(self.clipfrac),
             "loss/policy_avg": m(self.pg_loss), "loss/value_avg": m(self.vf_loss),
             "val/clipfrac_avg": m(self.vf_clipfrac), "policy/entropy_avg": m(self.entropy),
             "val/ratio": m(self.ratio), "val/ratio_var": float(ratios.var()) if ratios.numel() > 1 else 0.0,
         }
+        if self.pg_loss and not self.vf_loss:  # no critic: no value metrics rather than NaNs
+            del out["loss/value_avg"], out["val/clipfrac_avg"]
+        if self.kl:
+            out["kl"] = m(self.kl)
+        return out
 
 
 class NonFiniteError(RuntimeError):
@@ -394,9 +475,17 @@ class PPOTrainer:
         model = args.sft_model_path if model is None else model
         reward_model = args.reward_model_path if reward_model is None else reward_model
         critic = args.critic
-        if critic == "auto":
-            critic = "separate" if value_model is not None else "shared"
         self.log_messages: list[str] = []
+        if not args.uses_critic:
+            if value_model is not None:
+                raise ValueError(
+                    f"value_model given with advantage_estimator={args.advantage_estimator!r}: the critic-free "
+                    "estimators build no value model; pass value_model=None (or use advantage_estimator='gae')")
+            critic = "none"
+            self._note(f"advantage_estimator={args.advantage_estimator!r}: no critic is built (critic='none'), "
+                       f"{args.num_generations} responses per prompt")
+        elif critic == "auto":
+            critic = "separate" if value_model is not None else "shared"
         if critic == "shared" and value_model is not None:
             self._note("critic='shared': the value head sits on the policy backbone; the value_model passed "
                        "to PPOTrainer is not trained (set critic='separate' to train it as the critic)")
@@ -438,7 +527,7 @@ class PPOTrainer:
 
         # ---- batch sizes (TRL's definitions)
         self._compute_batch_sizes()
-        self.sampler = PromptSampler(len(self.prompts), args.batch_size, args.seed, self.rank, self.world_size)
+        self.sampler = PromptSampler(len(self.prompts), self.prompts_per_step, args.seed, self.rank, self.world_size)
 
         # ---- distributed wrapping (FSDP2 replaces parameters: before the optimizer sees them)
         self.optimizer, self.lr_scheduler = optimizers
@@ -524,8 +613,14 @@ class PPOTrainer:
                              f"gradient_accumulation_steps) must be a multiple of num_mini_batches ({a.num_mini_batches})")
         a.mini_batch_size = a.batch_size // a.num_mini_batches
         a.local_mini_batch_size = a.local_batch_size // a.num_mini_batches
+        # Group estimators: batches count completions (TRL GRPO), so one epoch over the prompts is
+        # len(prompts) x num_generations episodes. num_generations is 1 for GAE.
+        if a.local_batch_size % a.num_generations:
+            raise ValueError(f"local batch size ({a.local_batch_size} completions) must be a multiple of "
+                             f"num_generations ({a.num_generations})")
+        self.prompts_per_step = a.batch_size // a.num_generations
         if a.total_episodes is None:
-            a.total_episodes = int(a.num_train_epochs * len(self.prompts))
+            a.total_episodes = int(a.num_train_epochs * len(self.prompts) * a.num_generations)
         a.num_total_batches = math.ceil(a.total_episodes / a.batch_size)
         if a.max_steps and a.max_steps > 0:
             a.num_total_batches = min(a.num_total_batches, a.max_steps)
@@ -572,7 +667,7 @@ class PPOTrainer:
         state.is_world_process_zero = self.is_main
         a = self.args
         state.max_steps = a.num_total_batches
-        state.num_train_epochs = a.total_episodes / len(self.prompts)
+        state.num_train_epochs = a.total_episodes / (len(self.prompts) * a.num_generations)
         state.logging_steps = math.ceil(a.logging_steps * state.max_steps) if a.logging_steps < 1 else int(a.logging_steps)
         state.save_steps = math.ceil(a.save_steps * state.max_steps) if a.save_steps < 1 else int(a.save_steps)
         state.eval_steps = state.logging_steps
@@ -727,11 +822,15 @@ class PPOTrainer:
         a = self.args
         t0 = time.perf_counter()
         indices, epoch = self.sampler.next_batch()
+        grouped = not a.uses_critic
+        if grouped:  # rows [g*n, (g+1)*n) = n samples of prompt g, each with its own seed
+            indices, seeds = group_indices(indices, a.num_generations, a.seed, epoch)
+        else:
+            seeds = prompt_seeds(a.seed, indices, epoch)
         prompt_ids, prompt_mask = self._prompt_batch(indices)
         self.state.episode += a.batch_size
         self.model.eval()
         stop_ids = [self.stop_token_id] if self.stop_token_id is not None else []
-        seeds = prompt_seeds(a.seed, indices, epoch)
         fsdp = self.world_size > 1 and a.distributed_strategy == "fsdp2"
         with self._full_params(), self._autocast():
             rollout = generate_rollout(self.model, prompt_ids, prompt_mask, response_length=a.response_length,
@@ -756,32 +855,46 @@ class PPOTrainer:
         if not finite:
             return self._skip_step("non-finite reward", t0)
 
+        need_reference = self.reference_mode != "none"
         fwd = rollout_forward(self.model, rollout, prompt_mask, temperature=max(a.temperature, 1e-7),
-                              need_reference=self.reference_mode != "none",
-                              chunk_size=a.local_rollout_forward_batch_size, autocast=self._autocast)
-        adv = compute_advantages(fwd, scores, rollout.response_mask, kl_coef=self.kl_ctl.value,
-                                 kl_estimator=a.kl_estimator, gamma=a.gamma, lam=a.lam,
-                                 whiten_rewards=a.whiten_rewards, whiten_advantages=a.whiten_advantages,
-                                 group=self.group)
+                              need_reference=need_reference, chunk_size=a.local_rollout_forward_batch_size,
+                              autocast=self._autocast, need_policy=not self._on_policy_update())
+        if grouped:
+            adv = compute_group_advantages(fwd, scores, rollout.response_mask, estimator=a.advantage_estimator,
+                                           num_generations=a.num_generations, kl_coef=self.kl_ctl.value,
+                                           kl_estimator=a.kl_estimator, gamma=a.gamma,
+                                           scale_rewards=a.scale_rewards, group=self.group)
+        else:
+            adv = compute_advantages(fwd, scores, rollout.response_mask, kl_coef=self.kl_ctl.value,
+                                     kl_estimator=a.kl_estimator, gamma=a.gamma, lam=a.lam,
+                                     whiten_rewards=a.whiten_rewards, whiten_advantages=a.whiten_advantages,
+                                     group=self.group)
         t_fwd = time.perf_counter()
-        stats, skipped = self._update(rollout, prompt_mask, fwd, adv)
+        stats, skipped, first_epoch = self._update(rollout, prompt_mask, fwd, adv)
         t_upd = time.perf_counter()
 
         mask = rollout.response_mask
-        mean_kl = float(all_reduce_sum(adv.kl.sum(1).sum().reshape(1))[0]) / a.batch_size
+        # Entropy and KL of the sampling policy: from the rollout forward, or (on-policy critic-free
+        # update, no rollout forward) from the first epoch's forwards, which ran on the same weights.
+        neg_logprob_sum = (-fwd.logprobs * mask).sum() if fwd.logprobs is not None else first_epoch["neg_logprob_sum"]
+        kl_sum = adv.kl.sum() if fwd.logprobs is not None else first_epoch["kl_sum"]
+        mean_kl = float(all_reduce_sum(kl_sum.reshape(1))[0]) / a.batch_size
+        non_score_sum = -self.kl_ctl.value * kl_sum
         self.kl_ctl.update(mean_kl, a.batch_size)
         self.state.global_step += 1
-        self.state.epoch = self.state.episode / len(self.prompts)
+        self.state.epoch = self.state.episode / (len(self.prompts) * a.num_generations)
         n_tokens = float(all_reduce_sum(mask.sum().float().reshape(1))[0])
         elapsed = time.time() - self._start_time
         metrics = {
             "eps": int((self.state.episode - self._episodes_at_start) / max(elapsed, 1e-9)),
             "objective/kl": mean_kl,
-            "objective/entropy": float(all_reduce_sum((-fwd.logprobs * mask).sum().reshape(1))[0]) / a.batch_size,
-            "objective/non_score_reward": float(all_reduce_sum(adv.non_score_reward.sum().reshape(1))[0]) / a.batch_size,
+            "objective/entropy": float(all_reduce_sum(neg_logprob_sum.reshape(1))[0]) / a.batch_size,
+            "objective/non_score_reward": float(all_reduce_sum(non_score_sum.reshape(1))[0]) / a.batch_size,
             "objective/scores": float(all_reduce_sum(raw_scores.sum().reshape(1))[0]) / a.batch_size,
         }
         metrics["objective/rlhf_reward"] = metrics["objective/non_score_reward"] + metrics["objective/scores"]
+        if grouped:
+            metrics.update(group_reward_stats(scores, a.num_generations, self.group))
         metrics.update(stats.means())
         metrics["val/num_eos_tokens"] = int(all_reduce_sum(
             (rollout.responses == self.tokenizer.eos_token_id).sum().reshape(1))[0]) \
@@ -820,11 +933,25 @@ class PPOTrainer:
                                  "no checkpoint is written from them")
         return None
 
+    def _on_policy_update(self) -> bool:
+        """Critic-free, one epoch and one minibatch (TRL GRPO's default): the only update sees the weights
+        that sampled, so the old log-probs equal its own (detached) ones and the rollout's policy forward
+        is skipped, as TRL does. reinforce_pp with a KL penalty still needs them before the update."""
+        a = self.args
+        if a.uses_critic or a.num_ppo_epochs != 1 or a.num_mini_batches != 1:
+            return False
+        return not (a.advantage_estimator == "reinforce_pp" and self.reference_mode != "none")
+
     def _update(self, rollout: Rollout, prompt_mask: torch.Tensor, fwd: RolloutForward, adv: Advantages):
-        """num_ppo_epochs x minibatches x micro-batches of clipped updates. Returns (StepStats, skipped)."""
+        """num_ppo_epochs x minibatches x micro-batches of clipped updates.
+
+        Returns (StepStats, skipped, sums over the valid tokens of the first epoch's forwards:
+        {"neg_logprob_sum": -logprob, "kl_sum": k3 to the reference (0 without a KL loss term)})."""
         a = self.args
         self.model.train()
         stats = StepStats.empty()
+        zero = torch.zeros((), device=rollout.response_mask.device)
+        first_epoch = {"neg_logprob_sum": zero, "kl_sum": zero}
         mask = rollout.response_mask
         B = mask.shape[0]
         g = torch.Generator().manual_seed(a.seed * 7919 + self.state.global_step)
@@ -845,6 +972,10 @@ class PPOTrainer:
                     with ctx:
                         loss, st = self._micro_step(rollout, prompt_mask, fwd, adv, idx, num_tokens, num_seqs,
                                                     clip_high, need_entropy)
+                    sums = {k: st.pop(k) for k in ("neg_logprob_sum", "kl_sum") if k in st}
+                    if _epoch == 0:
+                        for k, v in sums.items():
+                            first_epoch[k] = first_epoch[k] + v
                     for key, v in st.items():
                         getattr(stats, key).append(v)
                 grad_norm = self._clip_grads()
@@ -859,7 +990,7 @@ class PPOTrainer:
                     continue
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        return stats, skipped
+        return stats, skipped, first_epoch
 
     def _clip_grads(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
@@ -872,20 +1003,36 @@ class PPOTrainer:
         a = self.args
         ids, attn, start, cols = trim_batch(rollout.query_responses[idx], prompt_mask[idx], rollout.response_mask[idx])
         m = rollout.response_mask[idx][:, :cols]
+        critic = a.uses_critic
         with self._autocast():
-            out = self.ddp_model(ids, attn, response_start=start, return_entropy=need_entropy, return_values=True,
+            out = self.ddp_model(ids, attn, response_start=start, return_entropy=need_entropy, return_values=critic,
                                  temperature=max(a.temperature, 1e-7))
         new_lp = out.logprobs.float()
-        values = out.values.float()
-        pg_loss, pst = ppo_policy_loss(new_lp, fwd.logprobs[idx][:, :cols], adv.advantages[idx][:, :cols], m,
+        # On-policy critic-free update (no rollout policy forward): old = new, detached (ratio 1, as TRL).
+        old_lp = fwd.logprobs[idx][:, :cols] if fwd.logprobs is not None else new_lp.detach()
+        pg_loss, pst = ppo_policy_loss(new_lp, old_lp, adv.advantages[idx][:, :cols], m,
                                        clip_low=a.cliprange, clip_high=clip_high, dual_clip=a.dual_clip,
                                        agg=a.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
                                        norm_length=rollout.responses.shape[1])
-        vf_loss, vf_clipfrac = value_loss(values, fwd.values[idx][:, :cols], adv.returns[idx][:, :cols], m,
-                                          clip=a.cliprange_value, agg=a.loss_agg_mode, num_tokens=num_tokens,
-                                          num_seqs=num_seqs)
-        # DDP averages gradients over ranks; counts are global sums, so scale by world size back up.
-        loss = (pg_loss + a.vf_coef * vf_loss) * self.world_size
+        extra = {}
+        if critic:
+            values = out.values.float()
+            vf_loss, vf_clipfrac = value_loss(values, fwd.values[idx][:, :cols], adv.returns[idx][:, :cols], m,
+                                              clip=a.cliprange_value, agg=a.loss_agg_mode, num_tokens=num_tokens,
+                                              num_seqs=num_seqs)
+            # DDP averages gradients over ranks; counts are global sums, so scale by world size back up.
+            loss = (pg_loss + a.vf_coef * vf_loss) * self.world_size
+        else:
+            loss = pg_loss * self.world_size
+            if a.advantage_estimator != "reinforce_pp" and fwd.ref_logprobs is not None and self.kl_ctl.value > 0:
+                # GRPO's KL term: beta x k3(policy || reference) per token, aggregated like the policy loss.
+                kl_tok = kl_penalty(new_lp, fwd.ref_logprobs[idx][:, :cols], estimator="k3")
+                kl_loss = aggregate_loss(kl_tok, m, a.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
+                                         norm_length=rollout.responses.shape[1])
+                loss = loss + self.kl_ctl.value * kl_loss * self.world_size
+                with torch.no_grad():
+                    extra["kl_sum"] = (kl_tok * m).sum()
+                    extra["kl"] = extra["kl_sum"] / m.sum().clamp_min(1)
         ent_mean = None
         if out.entropy is not None:
             ent_tok = out.entropy.float()
@@ -896,11 +1043,15 @@ class PPOTrainer:
         with torch.no_grad():
             n_local = m.sum().clamp_min(1)
             scale = num_tokens.clamp_min(1) / n_local  # report the micro-batch's own token mean
-        return loss.detach(), {
+        st = {
             "approxkl": pst.approx_kl, "clipfrac": pst.clipfrac, "pg_loss": (pg_loss.detach() * scale).reshape(()),
-            "vf_loss": (vf_loss.detach() * scale).reshape(()), "vf_clipfrac": vf_clipfrac.detach().reshape(()),
             "entropy": ent_mean.detach() if ent_mean is not None else torch.zeros(()), "ratio": pst.ratio_mean,
+            "neg_logprob_sum": (-new_lp.detach() * m).sum(), **extra,
         }
+        if critic:
+            st["vf_loss"] = (vf_loss.detach() * scale).reshape(())
+            st["vf_clipfrac"] = vf_clipfrac.detach().reshape(())
+        return loss.detach(), st
 
     # ------------------------------------------------------------------ sampling for humans
     @torch.no_grad()
