@@ -182,11 +182,19 @@ class LeanDecoder:
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         # validate=False: the caller has just checked supports_fast_decode(model, P + max_new_tokens).
+        # (Checked in prefill, where P is known: whether a sliding window is active depends on it.)
         self.validate = validate
-        cfg = model.config
-        bb = model.model
         self.model = model
         self.max_new_tokens = int(max_new_tokens)
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.length = 0  # cache columns written so far
+
+    def _bind(self):
+        """Take references to the model's modules (weights are read from them, never copied)."""
+        model = self.model
+        cfg = model.config
+        bb = model.model
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.group = self.n_heads // self.n_kv
         self.head_dim = bb.layers[0].self_attn.head_dim if len(bb.layers) else 0
@@ -201,9 +209,6 @@ class LeanDecoder:
              layer.mlp.down_proj)
             for layer in bb.layers
         ]
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-        self.length = 0  # cache columns written so far
 
     # ------------------------------------------------------------------ rope
     def _cos_sin(self, positions: torch.Tensor):
@@ -230,6 +235,7 @@ class LeanDecoder:
             reason = fast_decode_unsupported_reason(self.model, L)
             if reason is not None:
                 raise ValueError(f"LeanDecoder cannot run this model: {reason}")
+        self._bind()
         positions = position_ids_from_mask(attention_mask)
         self.next_pos = positions[:, -1] + 1  # [B]
         # Key-padding mask for the whole rollout: prompt pads False, every generated column True.
@@ -282,6 +288,8 @@ class LeanDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row ([B] int64) and return the next-token logits [B, V]."""
         t = self.length
+        if not self.k_cache:
+            raise ValueError("LeanDecoder.step before prefill")
         if t >= self.key_mask.shape[1]:
             raise ValueError(f"LeanDecoder cache is full ({t} columns): built for max_new_tokens={self.max_new_tokens}")
         B = tokens.shape[0]
