@@ -40,15 +40,26 @@ def _lshr(x: torch.Tensor, n: int) -> torch.Tensor:
     return (x >> n) & ((1 << (64 - n)) - 1)
 
 
-def counter_uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One uniform in [0, 1) per row from (seed, step): splitmix64, top 53 bits. seeds: int64 [B] -> float64 [B]."""
-    step_t = torch.full_like(seeds, step + 1, dtype=torch.int64)
+def _splitmix_uniform(seeds: torch.Tensor, step_t: torch.Tensor) -> torch.Tensor:
+    """uniform(seed, step) for int64 seeds and step + 1 values that broadcast together."""
     z = seeds.to(torch.int64) * _GOLDEN + step_t * _MIX2  # int64 tensors wrap like uint64
     z = z + _GOLDEN
     z = (z ^ _lshr(z, 30)) * _MIX1
     z = (z ^ _lshr(z, 27)) * _MIX2
     z = z ^ _lshr(z, 31)
     return _lshr(z, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+def counter_uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in [0, 1) per row from (seed, step): splitmix64, top 53 bits. seeds: int64 [B] -> float64 [B]."""
+    return _splitmix_uniform(seeds, torch.full_like(seeds, step + 1, dtype=torch.int64))
+
+
+def counter_uniforms(seeds: torch.Tensor, n_steps: int) -> torch.Tensor:
+    """``counter_uniform(seeds, t)`` for t = 0 .. n_steps - 1 as the columns of one float64 [B, n_steps]
+    (the same bits: one hash over the grid instead of a dozen small ops per decode step)."""
+    steps = torch.arange(1, n_steps + 1, dtype=torch.int64, device=seeds.device)
+    return _splitmix_uniform(seeds.unsqueeze(1), steps.unsqueeze(0))
 
 
 def sample_from_logits(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor | None) -> torch.Tensor:
@@ -164,9 +175,10 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, te
     else:
         logits, past = _forward_last(model, ids, attention_mask, positions, None)
     next_pos = positions[:, -1:] + 1
+    uniforms = counter_uniforms(seeds, max_new_tokens) if seeds is not None and temperature != 0 else None
     steps = 0
     for t in range(max_new_tokens):
-        u = counter_uniform(seeds, t) if seeds is not None else None
+        u = uniforms[:, t] if uniforms is not None else None
         tok = sample_from_logits(logits, temperature, u)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         responses[:, t] = tok

@@ -295,3 +295,12 @@ def test_decoder_rejects_bad_use():
         gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64))
         with pytest.raises(ValueError, match="cannot run this model"):
             LeanDecoder(gpt2, 2).prefill(ids[:, :P], mask[:, :P])
+
+
+def test_uniform_grid_is_bitwise_the_per_step_counter():
+    """rollout precomputes every step's uniforms at once; they must be the per-step counter's bits."""
+    seeds = torch.tensor([0, 1, 7, 123_456_789, -5, 2**62])
+    grid = rollout.counter_uniforms(seeds, 70)
+    assert grid.shape == (6, 70) and grid.dtype == torch.float64
+    for t in (0, 1, 33, 69):
+        assert torch.equal(grid[:, t], rollout.counter_uniform(seeds, t))
