@@ -12,12 +12,14 @@
   too (on CPU their first-touch page faults cost more than the scan).
 - masked_whiten, kl_penalty (k3, forward and forward+backward) and token_rewards against the same
   formulas in eager torch (the references).
-Each side runs in its own process (time + peak memory above its inputs); table, CSV rows.
+Each side runs in its own process (time + peak memory above its inputs); table, CSV rows. The GAE
+bandwidth pair is the exception: the scan and the copy_ are timed in one process, alternating in
+rounds, so a noisy neighbour slows both alike; the ratio is the median over rounds (spread shown).
 
-Threads: both sides get the same OpenMP / torch thread count, 1 by default (``--threads``). On a
-shared, oversubscribed machine a 2-thread OpenMP region waits a whole scheduler quantum (~4 ms)
-whenever one of its threads is descheduled, which swamps sub-millisecond kernels; a dedicated
-machine should pass ``--threads 0`` (all cores).
+Threads: both sides get the same OpenMP / torch thread count, all cores by default (``--threads N``
+to pin). On a shared, oversubscribed machine a 2-thread OpenMP region waits a whole scheduler
+quantum (~4 ms) whenever one of its threads is descheduled, which swamps sub-millisecond kernels:
+compare with ``--threads 1`` there. ``--gae-only`` skips whitening / KL / token rewards.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def _inputs(B: int, T: int, device: str, dtype: str, seed: int = 0):
 
 
 def side(op: str, provider: str, B: int, T: int, device: str = "cpu", dtype: str = "float32") -> dict:
-    """One timed side: op in {gae, copy, whiten, kl_fwd, kl_fwd_bwd, token_rewards}; provider
+    """One timed side: op in {gae, whiten, kl_fwd, kl_fwd_bwd, token_rewards}; provider
     'rlhf_fast' (public op, automatic backend) or 'torch' (eager reference)."""
     import torch
 
@@ -67,16 +69,6 @@ def side(op: str, provider: str, B: int, T: int, device: str = "cpu", dtype: str
             lambda: gae_reference(x, y, mask, 0.99, 0.95))
         if provider == "torch":  # the Python loop is slow at long T: fewer repeats there
             repeats, warmup = (3, 1) if T >= 4096 else (5, 1)
-    elif op == "gae_out":  # preallocated outputs, like the copy_ it is compared with
-        # zeros, not empty: touched now, so their pages count as inputs, not as the op's memory
-        bufs = (torch.zeros(B, T, device=device), torch.zeros(B, T, device=device))
-        fn = lambda: gae(x, y, mask, 0.99, 0.95, out=bufs)  # noqa: E731
-    elif op == "copy":
-        # Same bytes moved as the GAE scan: read and write GAE_BYTES_PER_TOKEN / 2 per token.
-        nbytes = B * T * GAE_BYTES_PER_TOKEN // 2
-        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
-        dst = torch.zeros_like(src)
-        fn = lambda: dst.copy_(src)  # noqa: E731
     elif op == "whiten":
         fn = (lambda: masked_whiten(x, mask)) if provider == "rlhf_fast" else (lambda: masked_whiten_reference(x, mask))
     elif op == "kl_fwd":
@@ -99,6 +91,35 @@ def side(op: str, provider: str, B: int, T: int, device: str = "cpu", dtype: str
     return time_fn(fn, warmup=warmup, repeats=repeats, device=device)
 
 
+def side_gae_vs_copy(B: int, T: int, device: str = "cpu", rounds: int = 7, repeats: int = 10) -> dict:
+    """GAE with preallocated outputs and a preallocated ``copy_`` of the same bytes, timed in the same
+    process in alternating rounds. Returns per-round medians (ms) and copy/gae fractions, plus
+    ``time_ms`` / ``copy_time_ms``: the medians over rounds."""
+    import statistics
+
+    import torch
+
+    from rlhf_fast.ops import gae
+
+    x, y, mask = _inputs(B, T, device, "float32")
+    # zeros, not empty: touched now, so no first-touch page faults inside the timed calls
+    bufs = (torch.zeros(B, T, device=device), torch.zeros(B, T, device=device))
+    # Same bytes moved as the GAE scan: read and write GAE_BYTES_PER_TOKEN / 2 per token.
+    nbytes = B * T * GAE_BYTES_PER_TOKEN // 2
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.zeros_like(src)
+    run_gae = lambda: gae(x, y, mask, 0.99, 0.95, out=bufs)  # noqa: E731
+    run_copy = lambda: dst.copy_(src)  # noqa: E731
+    gae_ms, copy_ms = [], []
+    for _ in range(rounds):
+        copy_ms.append(time_fn(run_copy, warmup=2, repeats=repeats, device=device)["time_ms"])
+        gae_ms.append(time_fn(run_gae, warmup=2, repeats=repeats, device=device)["time_ms"])
+    fractions = [c / g for c, g in zip(copy_ms, gae_ms)]
+    return {"time_ms": statistics.median(gae_ms), "copy_time_ms": statistics.median(copy_ms),
+            "gae_round_ms": gae_ms, "copy_round_ms": copy_ms, "fractions": fractions,
+            "fraction": statistics.median(fractions)}
+
+
 def _gbs(nbytes: float, res: dict):
     return nbytes / (res["time_ms"] * 1e-3) / 1e9 if "time_ms" in res else None
 
@@ -108,6 +129,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--full", action="store_true", help="GPU-sized shapes (B up to 1024, T up to 8192)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads per side (0: all cores)")
+    ap.add_argument("--gae-only", action="store_true", help="only the GAE rows and the bandwidth target")
     args = ap.parse_args(argv)
     dev = args.device
     threads = args.threads or None
@@ -139,19 +161,23 @@ def main(argv=None) -> list[dict]:
 
     # ---- GAE bandwidth against a copy_ of the same bytes
     bw_B, bw_T = (512, 4096) if not args.full else (1024, 8192)
-    copy = run(op="copy", provider="torch", B=bw_B, T=bw_T)
+    pair = run_isolated("benchmarks.bench_rl_ops:side_gae_vs_copy", threads=threads, mmap_threshold=False,
+                        device=dev, B=bw_B, T=bw_T)
+    ours = {k: pair[k] for k in ("time_ms", "error") if k in pair}
+    copy = {"time_ms": pair["copy_time_ms"]} if "copy_time_ms" in pair else {"error": pair.get("error", "?")}
     fresh = gae_res.get((bw_B, bw_T), {}).get("rlhf_fast") or run(op="gae", provider="rlhf_fast", B=bw_B, T=bw_T)
-    ours = run(op="gae_out", provider="rlhf_fast", B=bw_B, T=bw_T)
     nbytes = bw_B * bw_T * GAE_BYTES_PER_TOKEN
     rows.append(make_row("rl_ops", "gae_out_preallocated", f"{bw_B}x{bw_T}", "float32", "rlhf_fast", ours, dev,
-                         _gbs(nbytes, ours), "GB/s", note=f"fused scan, out=, threads={args.threads}"))
+                         _gbs(nbytes, ours), "GB/s",
+                         note=f"fused scan, out=, same process as copy_, threads={args.threads}"))
     rows.append(make_row("rl_ops", "copy_same_bytes_as_gae", f"{bw_B}x{bw_T}", "uint8", "torch", copy, dev,
                          _gbs(nbytes, copy), "GB/s", note=f"{nbytes / 2**20:.1f} MiB read+write"))
-    copy_fraction = float(ratio(copy.get("time_ms"), ours.get("time_ms")))
+    copy_fraction = float(pair.get("fraction", float("nan")))
+    fractions = pair.get("fractions", [])
     fresh_fraction = float(ratio(copy.get("time_ms"), fresh.get("time_ms")))
 
     # ---- whitening, KL, token rewards vs eager torch
-    ew_shapes = [(512, 4096)] if not args.full else [(1024, 8192), (256, 1024)]
+    ew_shapes = [] if args.gae_only else [(512, 4096)] if not args.full else [(1024, 8192), (256, 1024)]
     ew_res = {}
     for op in ("whiten", "kl_fwd", "kl_fwd_bwd", "token_rewards"):
         for B, T in ew_shapes:
@@ -176,6 +202,7 @@ def main(argv=None) -> list[dict]:
           f"{copy_fraction:.0%} with out= (gae {_gbs(nbytes, ours) or float('nan'):.2f} GB/s, copy_ "
           f"{_gbs(nbytes, copy) or float('nan'):.2f} GB/s) -> "
           f"{'met' if copy_fraction >= GAE_TARGET_COPY_FRACTION else 'NOT met'}; "
+          f"per round {min(fractions, default=float('nan')):.0%}..{max(fractions, default=float('nan')):.0%}; "
           f"with fresh outputs {fresh_fraction:.0%} ({_gbs(nbytes, fresh) or float('nan'):.2f} GB/s)")
     append_rows(rows)
     return rows

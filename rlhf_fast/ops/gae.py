@@ -10,8 +10,8 @@ After the last valid token V_next = 0 (terminal) unless ``bootstrap_values`` [B]
 (truncated responses); A_next starts at 0. Returns are computed before any whitening.
 
 Backends: Triton (CUDA; parallel over rows, each program walks t carrying [BLOCK_B] vectors), C++
-(CPU; OpenMP over rows), and the torch reference — the Python loop over T that TRL / OpenRLHF /
-veRL write, kept as the baseline the benchmark measures against.
+(CPU; OpenMP over rows, 8 rows in lockstep on AVX2 CPUs), and the torch reference — the Python loop
+over T that TRL / OpenRLHF / veRL write, kept as the baseline the benchmark measures against.
 """
 from __future__ import annotations
 
