@@ -1,5 +1,6 @@
 """Shared-weight RLHF layout on any Hugging Face causal LM: one trainable backbone with LM head and value
 head, reference modes (LoRA-disabled / frozen low-precision copy / none) and reward adapters."""
+from rlhf_fast.models.decode import LeanDecoder, fast_decode_unsupported_reason, supports_fast_decode  # noqa: F401
 from rlhf_fast.models.loading import (
     TESTED_MODEL_TYPES,
     check_causal_lm,
