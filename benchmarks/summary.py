@@ -49,6 +49,8 @@ def summarize(csv_path: Path) -> str:
     ]
     for (bench, op, shape, dtype, device), prov in groups.items():
         base_name = next((b for b in BASELINES if b in prov), None)
+        if base_name is None:  # a pinned TRL version as the provider (bench_grpo: "trl==1.16.0")
+            base_name = next((p for p in prov if p.startswith("trl==")), None)
         if base_name is None:
             continue
         base = prov[base_name]
