@@ -128,7 +128,7 @@ def test_rows_of_a_group_share_the_prompt_and_differ_in_samples(monkeypatch, tmp
     calls = _rollouts(monkeypatch, tmp_path, response_length=8)
     assert len(calls) == 2
     for (args, kwargs, rollout) in calls:
-        prompt_ids, prompt_mask = args[1], args[2]
+        prompt_ids = args[1]
         assert prompt_ids.shape[0] == 8
         for g in range(2):
             block = prompt_ids[4 * g:4 * g + 4]
