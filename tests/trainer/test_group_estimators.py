@@ -98,6 +98,23 @@ def test_the_critic_is_not_built(tmp_path, estimator):
     assert not (tmp_path / "saved" / "value_head.pt").exists()
 
 
+def test_policy_value_model_without_critic(tmp_path):
+    from rlhf_fast.models import PolicyValueModel
+
+    pv = PolicyValueModel(tiny_policy(V), reference="none", critic="none")
+    assert pv.value_head is None and pv.critic_backbone is None and "value_head" not in pv.components()
+    assert not any("value" in n for n, _ in pv.named_parameters())
+    ids = torch.randint(3, V, (2, 7))
+    out = pv(ids, torch.ones_like(ids), response_start=3, return_values=True)
+    assert out.values is None and out.logprobs.shape == (2, 4)
+    pv.save_pretrained(tmp_path / "pv")
+    assert not (tmp_path / "pv" / "value_head.pt").exists()
+    again = PolicyValueModel.from_pretrained(tmp_path / "pv", reference="none", critic="none")
+    assert again.value_head is None
+    with pytest.raises(ValueError, match="critic must be one of"):
+        PolicyValueModel(tiny_policy(V), reference="none", critic="nothing")
+
+
 def test_beta_builds_a_reference(tmp_path):
     tr = gtrainer(tmp_path, kl_coef=0.04)
     assert tr.reference_mode == "frozen" and tr.model.reference is not None
