@@ -308,10 +308,13 @@ __attribute__((target("avx2,fma"))) inline void transpose8(__m256& r0, __m256& r
 // costs a load, not a shuffle): x[i] holds steps 0-3 of row i and row i+4, or steps 4-7 of both.
 __attribute__((target("avx2,fma"))) inline void load_block(const float* base, int64_t T, __m256 (&x)[kStep]) {
   __m256 q[8];
-  for (int i = 0; i < 4; ++i) {
-    q[i] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(base + i * T)), _mm_loadu_ps(base + (i + 4) * T), 1);
-    q[i + 4] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(base + i * T + 4)),
-                                    _mm_loadu_ps(base + (i + 4) * T + 4), 1);
+  // Row pointers advanced by additions: few live registers (GCC otherwise keeps all 7 row offsets
+  // of every stream and spills them).
+  const float* lo = base;
+  const float* hi = base + 4 * T;
+  for (int i = 0; i < 4; ++i, lo += T, hi += T) {
+    q[i] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo)), _mm_loadu_ps(hi), 1);
+    q[i + 4] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo + 4)), _mm_loadu_ps(hi + 4), 1);
   }
   // q[i] (i < 4) = [row i steps 0-3 | row i+4 steps 0-3]; q[i+4] the same for steps 4-7.
   for (int h = 0; h < 2; ++h) {
@@ -341,8 +344,9 @@ __attribute__((target("avx2,fma"), always_inline)) inline void scan_block(TileSc
   load_block(v0 + t0, T, v);
   // Mask bytes widened to int32; any nonzero byte is valid (as in the scalar path) -> all-ones lane.
   const __m256i zero = _mm256_setzero_si256();
-  for (int i = 0; i < 8; ++i) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(m0 + i * T + t0));
+  const uint8_t* mp = m0 + t0;
+  for (int i = 0; i < 8; ++i, mp += T) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mp));
     on[i] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(bytes), zero));
   }
   transpose8(on[0], on[1], on[2], on[3], on[4], on[5], on[6], on[7]);
@@ -401,9 +405,11 @@ __attribute__((target("avx2,fma"))) int64_t gae_tile_avx2(const float* rewards, 
   if constexpr (!STREAM) {
     for (int64_t t0 = t_vec - kStep; t0 >= 0; t0 -= kStep) {
       scan_block(s, r0, v0, m0, t0, T, a_hi, ret_hi);
-      for (int i = 0; i < 8; ++i) {
-        _mm256_storeu_ps(a0 + i * T + t0, a_hi[i]);
-        _mm256_storeu_ps(ret0 + i * T + t0, ret_hi[i]);
+      float* ap = a0 + t0;
+      float* rp = ret0 + t0;
+      for (int i = 0; i < 8; ++i, ap += T, rp += T) {
+        _mm256_storeu_ps(ap, a_hi[i]);
+        _mm256_storeu_ps(rp, ret_hi[i]);
       }
     }
   } else {
@@ -412,11 +418,13 @@ __attribute__((target("avx2,fma"))) int64_t gae_tile_avx2(const float* rewards, 
     for (int64_t t0 = t_vec - 2 * kStep; t0 >= 0; t0 -= 2 * kStep) {
       scan_block(s, r0, v0, m0, t0 + kStep, T, a_hi, ret_hi);
       scan_block(s, r0, v0, m0, t0, T, a_lo, ret_lo);
-      for (int i = 0; i < 8; ++i) {
-        _mm256_stream_ps(a0 + i * T + t0, a_lo[i]);
-        _mm256_stream_ps(a0 + i * T + t0 + kStep, a_hi[i]);
-        _mm256_stream_ps(ret0 + i * T + t0, ret_lo[i]);
-        _mm256_stream_ps(ret0 + i * T + t0 + kStep, ret_hi[i]);
+      float* ap = a0 + t0;
+      float* rp = ret0 + t0;
+      for (int i = 0; i < 8; ++i, ap += T, rp += T) {
+        _mm256_stream_ps(ap, a_lo[i]);
+        _mm256_stream_ps(ap + kStep, a_hi[i]);
+        _mm256_stream_ps(rp, ret_lo[i]);
+        _mm256_stream_ps(rp + kStep, ret_hi[i]);
       }
     }
     _mm_sfence();  // streaming stores are weakly ordered: make them visible before returning
