@@ -6,9 +6,12 @@ loss = mean over pairs of −log σ(r_chosen − r_rejected − margin)   (margi
 The reward model is a ``transformers`` ``AutoModelForSequenceClassification`` with ``num_labels=1``,
 usually initialised from the SFT stage's directory (backbone weights carried over, a new ``score``
 head). A sequence's score is read at its **last attended token** (from the attention mask, so left
-and right padding give the same score, and a final EOS equal to the pad token still counts) — the
-same pooling ``rlhf_fast.models.reward.ModelReward`` uses when PPO scores rollouts.
-``config.pad_token_id`` is set, so the model's own ``forward`` pools correctly too when pad != eos.
+and right padding give the same score, and a final EOS equal to the pad token still counts), or with
+``pooling: mean`` from the mean hidden state over its attended tokens. The choice is saved in the
+model's config.json (``rlhf_fast_reward_pooling``) and ``rlhf_fast.models.reward.pool_hidden`` is the
+one function training, evaluation and PPO's ``ModelReward`` pool with, so a model scores the same in
+all three. ``config.pad_token_id`` is set, so the model's own ``forward`` pools correctly too when
+pad != eos — for "last" pooling only: Hugging Face's ``forward`` knows no mean pooling.
 
 Training reuses the SFT stage's loop (AdamW, warmup + decay, clipping, accumulation, length-grouped
 batches, tqdm, metrics.jsonl); chosen and rejected of a micro-batch run in one forward. Held-out
@@ -37,7 +40,15 @@ from rlhf_fast.data import (
     tokenize_preference_rows,
 )
 from rlhf_fast.models.loading import backbone_hidden, ensure_pad_token, position_ids_from_mask
-from rlhf_fast.models.reward import classifier_backbone, last_token_index, score_head
+from rlhf_fast.models.reward import (
+    POOLING_CONFIG_KEY,
+    REWARD_POOLINGS,
+    check_pooling,
+    classifier_backbone,
+    pool_hidden,
+    reward_pooling,
+    score_head,
+)
 from rlhf_fast.sft import (
     DEMO,
     MetricsWriter,
@@ -69,6 +80,7 @@ class RewardConfig:
     max_length: int = field(default=256, metadata={"help": "Max prompt+response tokens per side."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Prompt tokens kept when truncating."})
     use_chat_template: bool = field(default=True, metadata={"help": "Format string prompts with the chat template when there is one."})
+    pooling: Literal["last", "mean"] = field(default="last", metadata={"help": "Score at the last attended token (HF convention) or from the mean hidden state over attended tokens; saved in config.json."})
     use_margin: bool = field(default=True, metadata={"help": "Subtract the row's 'margin' column inside the sigmoid."})
     center_rewards_coefficient: float | None = field(default=None, metadata={"help": "Weight of mean((r_c + r_r)^2) (TRL); None: off."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per micro-batch."})
@@ -103,6 +115,8 @@ class RewardConfig:
         check_training_fields(self)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.pooling not in REWARD_POOLINGS:
+            raise ValueError(f"pooling must be one of {REWARD_POOLINGS}, got {self.pooling!r}")
         if self.demo_num_pairs < 2:
             raise ValueError(f"demo_num_pairs must be >= 2, got {self.demo_num_pairs}")
 
@@ -138,15 +152,17 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Differentiable fp32 scores [B] of a sequence-classification model at each row's last attended token.
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pooling: str | None = None) -> torch.Tensor:
+    """Differentiable fp32 scores [B] of a sequence-classification model, pooled as ``pooling`` says
+    (None: the model's own, ``reward_pooling(model)``: "last" attended token or "mean" over attended tokens).
 
     input_ids, attention_mask: [B, T], left or right padded (positions count attended tokens only).
     """
+    pooling = reward_pooling(model) if pooling is None else check_pooling(pooling)
     backbone, head = classifier_backbone(model), score_head(model)
     hidden = backbone_hidden(backbone, input_ids, attention_mask, position_ids_from_mask(attention_mask))
-    last = last_token_index(attention_mask)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    pooled = pool_hidden(hidden, attention_mask, pooling)
     return head(pooled.to(head.weight.dtype)).squeeze(-1).float()
 
 
@@ -282,6 +298,8 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
             raise ValueError("an in-memory reward model needs tokenizer=")
         ensure_pad_token(tokenizer)
         model.config.pad_token_id = tokenizer.pad_token_id
+    # The stage's pooling is part of the model: written into config.json, read back by ModelReward.
+    setattr(model.config, POOLING_CONFIG_KEY, cfg.pooling)
     train_rows, eval_rows = _preference_rows(cfg, train_dataset, eval_dataset)
     tok_kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                   use_chat_template=cfg.use_chat_template)
@@ -326,6 +344,7 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
             "final_eval_margin_mean": hist["final_eval"]["margin_mean"], "tokens": hist["tokens"],
             "tokens_per_s": hist["tokens_per_s"], "runtime_s": hist["runtime_s"],
             "skipped_nonfinite_steps": hist["skipped_nonfinite_steps"], "dataset": train_rows.source,
+            "pooling": cfg.pooling,
         }
         (stage_dir.path / "stage_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
         out = stage_dir.finish(model, tokenizer, summary)

@@ -5,8 +5,11 @@ and returns fp32 scores [B] on ``input_ids``' device (CPU when no ids are given)
 - ``ModelReward`` scores token ids with an ``AutoModelForSequenceClassification`` (num_labels=1) at the
   **last attended token** of each row (the EOS token when the response has one), found from the
   attention mask, not from ``pad_token_id`` (HF's own pooling mistakes a final EOS for padding when
-  pad == eos). With ``tokenizer=`` it re-tokenizes the prompt + completion texts instead (a reward model
-  with its own vocabulary).
+  pad == eos). A reward model trained with ``pooling="mean"`` (``config.rlhf_fast_reward_pooling``,
+  saved in its config.json) is scored on the mean of its hidden states over all attended tokens
+  instead: ``pool_hidden`` is the one function the RM stage, its evaluation and PPO all pool with.
+  With ``tokenizer=`` it re-tokenizes the prompt + completion texts instead (a reward model with its
+  own vocabulary).
 - ``CallableReward`` wraps ``fn(prompts: list[str], completions: list[str]) -> list[float]`` and checks
   the count and that every score is a finite number.
 """
@@ -26,6 +29,52 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     T = attention_mask.shape[-1]
     pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
     return torch.where(attention_mask.bool(), pos, torch.zeros_like(pos)).amax(-1)
+
+
+# How a reward model turns its hidden states [B, T, H] into the one vector [B, H] its linear head scores.
+# "last": the last attended token (the Hugging Face convention). "mean": the mean over attended tokens,
+# which lets a tiny backbone score properties of the whole text (shares of words) without first
+# having to gather them into one position.
+REWARD_POOLINGS = ("last", "mean")
+POOLING_CONFIG_KEY = "rlhf_fast_reward_pooling"  # attribute of model.config; absent means "last"
+
+
+def check_pooling(pooling) -> str:
+    if pooling not in REWARD_POOLINGS:
+        raise ValueError(f"reward pooling must be one of {REWARD_POOLINGS}, got {pooling!r}")
+    return pooling
+
+
+def reward_pooling(model: nn.Module) -> str:
+    """The pooling a sequence-classification model was trained with: ``config.rlhf_fast_reward_pooling``,
+    "last" when the config does not name one (any Hugging Face reward model)."""
+    config = getattr(model, "config", None)
+    pooling = getattr(config, POOLING_CONFIG_KEY, None)
+    if pooling is None:
+        return "last"
+    if pooling not in REWARD_POOLINGS:
+        raise ValueError(
+            f"{type(model).__name__}.config.{POOLING_CONFIG_KEY} = {pooling!r} is not a known reward pooling; "
+            f"expected one of {REWARD_POOLINGS} (was the model saved by a newer rlhf_fast?)"
+        )
+    return pooling
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+    """hidden [B, T, H], attention_mask [B, T] 0/1 (left or right padded) -> pooled [B, H] in hidden's dtype.
+
+    "last": hidden at the last attended position; "mean": the mean over attended positions (fp32
+    accumulation; an all-zero mask row gives zeros). Padding never contributes to either.
+    """
+    check_pooling(pooling)
+    if hidden.dim() != 3 or attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden must be [B, T, H] and attention_mask [B, T], got {tuple(hidden.shape)} and "
+                         f"{tuple(attention_mask.shape)}")
+    if pooling == "last":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    weights = attention_mask.to(torch.float32).unsqueeze(-1)
+    total = (hidden.float() * weights).sum(1)
+    return (total / weights.sum(1).clamp_min(1.0)).to(hidden.dtype)
 
 
 def score_head(model: nn.Module) -> nn.Module:
@@ -49,7 +98,9 @@ def classifier_backbone(model: nn.Module) -> nn.Module:
 
 
 class ModelReward:
-    """Score = ``model.score(last_hidden_state[b, last attended token])[0]`` of a sequence-classification model.
+    """Score = ``model.score(pool_hidden(last_hidden_state, mask, reward_pooling(model)))`` of a
+    sequence-classification model: the last attended token's hidden state, or the mean over attended
+    tokens for a model trained with ``pooling="mean"``.
 
     The model is put in eval mode and frozen (requires_grad off) in place.
     """
@@ -63,6 +114,7 @@ class ModelReward:
         self.model = model.eval()
         self.backbone = classifier_backbone(model)
         self.head = head
+        self.pooling = reward_pooling(model)
         self.tokenizer = tokenizer
         self.max_length = max_length
         for p in self.model.parameters():
@@ -83,8 +135,7 @@ class ModelReward:
         dev = self.device
         ids, mask = input_ids.to(dev), attention_mask.to(dev)
         hidden = backbone_hidden(self.backbone, ids, mask, position_ids_from_mask(mask))
-        last = last_token_index(mask)
-        pooled = hidden[torch.arange(hidden.shape[0], device=dev), last]
+        pooled = pool_hidden(hidden, mask, self.pooling)
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float().to(input_ids.device)
 
     def __call__(self, *, input_ids=None, attention_mask=None, prompts=None, completions=None) -> torch.Tensor:

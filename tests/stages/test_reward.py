@@ -135,3 +135,83 @@ def test_margin_column_changes_the_loss(tmp_path, sft_dir):
                                  train_dataset=margin_rows)
     assert shifted.metrics["train_loss"] > plain.metrics["train_loss"] + 1.0  # -log sigmoid(d - 2) vs -log sigmoid(d)
     assert ignored.metrics["train_loss"] == pytest.approx(plain.metrics["train_loss"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- mean pooling
+def test_pool_hidden_hand_worked_left_and_right_padding():
+    from rlhf_fast.models.reward import pool_hidden
+
+    # one row of 3 attended tokens (values 1, 2, 6 / 10, 20, 60), one of 1; padding holds junk (99)
+    right = torch.tensor([[[1.0, 10.0], [2.0, 20.0], [6.0, 60.0]],
+                          [[4.0, 40.0], [99.0, 99.0], [99.0, 99.0]]])
+    right_mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    left = torch.stack([right[0], right[1].flip(0)])
+    left_mask = torch.tensor([[1, 1, 1], [0, 0, 1]])
+    for hidden, mask in ((right, right_mask), (left, left_mask)):
+        torch.testing.assert_close(pool_hidden(hidden, mask, "mean"), torch.tensor([[3.0, 30.0], [4.0, 40.0]]))
+        torch.testing.assert_close(pool_hidden(hidden, mask, "last"), torch.tensor([[6.0, 60.0], [4.0, 40.0]]))
+    assert pool_hidden(right, torch.zeros(2, 3, dtype=torch.long), "mean").abs().sum() == 0  # empty row: zeros
+    assert pool_hidden(right.bfloat16(), right_mask, "mean").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pool_hidden(right, right_mask, "max")
+    with pytest.raises(ValueError, match=r"\[B, T, H\]"):
+        pool_hidden(right, right_mask[:, :2], "mean")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        RewardConfig(pooling="max")
+
+
+def test_mean_pooled_rm_scores_the_same_in_training_evaluation_and_ppo(tmp_path, sft_dir):
+    """A pooling="mean" RM saves its pooling in config.json; reloaded (as the RM stage and PPO load it)
+    it scores exactly what the training-time model scored, with left or right padding, and the score
+    is the head applied to the mean hidden state (not the last token's)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_fast.models import make_reward
+    from rlhf_fast.models.loading import backbone_hidden, position_ids_from_mask
+    from rlhf_fast.models.reward import POOLING_CONFIG_KEY, reward_pooling
+
+    cfg = RewardConfig(model_name_or_path=str(sft_dir[0]), output_dir=str(tmp_path / "rm"), device="cpu",
+                       disable_tqdm=True, max_steps=20, learning_rate=3e-3, warmup_steps=2, pooling="mean",
+                       per_device_train_batch_size=8, logging_steps=10, seed=0)
+    result = train_reward_model(cfg, train_dataset=feature_pairs(160, 0), eval_dataset=feature_pairs(64, 1))
+    assert result.metrics["final_eval_accuracy"] >= 0.9, result.metrics
+    assert result.metrics["pooling"] == "mean"
+    saved = json.loads((result.output_dir / "config.json").read_text())
+    assert saved[POOLING_CONFIG_KEY] == "mean"
+
+    seqs = [[5, 6, 7, 8, 9, 1], [10, 11, 1], [12, 1]]
+    right_ids, right_mask = pad_sequences(seqs, 0, "right")
+    left_ids, left_mask = pad_sequences(seqs, 0, "left")
+    trained = result.model.eval()
+    with torch.no_grad():
+        expected = sequence_scores(trained, right_ids, right_mask)
+        hidden = backbone_hidden(trained.model, right_ids, right_mask, position_ids_from_mask(right_mask))
+        m = right_mask.unsqueeze(-1).float()
+        by_hand = trained.score((hidden * m).sum(1) / m.sum(1)).squeeze(-1)
+        last_token = sequence_scores(trained, right_ids, right_mask, pooling="last")
+    torch.testing.assert_close(expected, by_hand, atol=1e-5, rtol=1e-5)
+    assert (expected - last_token).abs().max() > 1e-3  # the pooling mode really changes the score
+
+    rm_stage, _ = load_reward_model(str(result.output_dir))  # what run_ppo_stage loads
+    ppo_path = AutoModelForSequenceClassification.from_pretrained(str(result.output_dir), num_labels=1)  # PPO from a path
+    for model in (rm_stage, ppo_path):
+        assert reward_pooling(model) == "mean"
+        adapter = make_reward(model)
+        assert adapter.pooling == "mean"
+        torch.testing.assert_close(adapter(input_ids=right_ids, attention_mask=right_mask), expected,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(adapter(input_ids=left_ids, attention_mask=left_mask), expected,
+                                   atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(sequence_scores(model, left_ids, left_mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_pooling_defaults_to_last_and_refuses_unknown(sft_dir):
+    from rlhf_fast.models import make_reward
+    from rlhf_fast.models.reward import POOLING_CONFIG_KEY, reward_pooling
+
+    rm, _ = load_reward_model(str(sft_dir[0]))
+    assert reward_pooling(rm) == "last" and make_reward(rm).pooling == "last"  # any HF model: last token
+    setattr(rm.config, POOLING_CONFIG_KEY, "attention")
+    with pytest.raises(ValueError, match="not a known reward pooling"):
+        make_reward(rm)
