@@ -53,11 +53,9 @@ KV cache during generation: 2 · L · kv_heads · head_dim · (P + R) · B_gen �
 B_gen = ``--gen-batch``, default ``--batch``).
 
 FSDP (``--fsdp --gpus N``): parameters, gradients and optimizer states of the trainable models are
-divided by N. Frozen models: in the four-model layout divided by N too (TRL prepares reference and reward
-with accelerate, which shards them); in ours replicated on every GPU, as our trainer does today
-(``rlhf_fast.trainer.distributed`` shards the policy/critic decoder layers and the PolicyValueModel
-root; the FrozenReference and the reward model are not modules of that root), unless
-``--shard-frozen``. Activations, log-prob buffers and KV cache are per GPU and are not divided.
+divided by N, and so are the frozen reference and reward model, in both layouts (TRL prepares them with
+accelerate, which shards them; ``rlhf_fast.trainer.distributed.shard_frozen_models`` FSDP2-shards ours
+layer by layer). Activations, log-prob buffers and KV cache are per GPU and are not divided.
 Without ``--fsdp`` every GPU holds everything (DDP).
 
 Peak per GPU = static (weights, grads, optimizer of all models) + max(training transients =
@@ -204,7 +202,7 @@ class Setup:
     gpus: int = 1
     fsdp: bool = False
     lora_r: int = 8
-    shard_frozen: bool = False  # shared layout under FSDP: shard the frozen reference and reward too
+    shard_frozen: bool = True  # under FSDP the frozen reference and reward are sharded too (as the trainer does)
     gen_batch: int | None = None  # sequences per generation batch (KV cache); None = batch
     device: str = "cuda"  # whose log-prob chunk budget applies
 
@@ -420,11 +418,6 @@ def _single_changes(shape, setup, gpu_mem) -> list[tuple[str, dict]]:
     n = _fsdp_gpus(shape, setup, gpu_mem)
     if n is not None and (n != setup.gpus or not setup.fsdp):
         out.append((f"--fsdp across {n} GPUs", {"gpus": n, "fsdp": True}))
-    if setup.layout == "shared" and not setup.shard_frozen:
-        n2 = _fsdp_gpus(shape, dataclasses.replace(setup, shard_frozen=True), gpu_mem)
-        if n2 is not None and (n is None or n2 < n):
-            out.append((f"--fsdp --shard-frozen across {n2} GPUs (reference and reward sharded too: not what "
-                        "the trainer's FSDP2 wrapping does today)", {"gpus": n2, "fsdp": True, "shard_frozen": True}))
     b = _largest_fitting_batch(shape, setup, gpu_mem)
     if b is not None:
         out.append((f"lower --batch to {b} (gradient accumulation keeps the effective batch)", {"batch": b}))
@@ -791,8 +784,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true", help="shard parameters, grads and optimizer over --gpus")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank for --reference lora")
-    parser.add_argument("--shard-frozen", action="store_true",
-                        help="shared layout under --fsdp: also shard the frozen reference and reward model")
+    parser.add_argument("--replicate-frozen", action="store_true",
+                        help="under --fsdp, keep a full copy of the frozen reference and reward on every GPU "
+                             "(a loop that shards only the trainable model; rlhf_fast's trainer shards them)")
     parser.add_argument("--gen-batch", type=int, default=None, help="sequences per generation batch (KV cache); default --batch")
     parser.add_argument("--gpu-mem", default="80GB", help=f"memory per GPU: {MEMORY_FORMS}")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -813,7 +807,7 @@ def run(args: argparse.Namespace) -> int:
         setup = Setup(batch=args.batch, prompt_len=args.prompt_len, response_len=args.response_len,
                       layout=args.layout, reference=args.reference, dtype=args.dtype, precision=args.precision,
                       optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing, gpus=args.gpus,
-                      fsdp=args.fsdp, lora_r=args.lora_r, shard_frozen=args.shard_frozen, gen_batch=args.gen_batch)
+                      fsdp=args.fsdp, lora_r=args.lora_r, shard_frozen=not args.replicate_frozen, gen_batch=args.gen_batch)
         if args.fsdp and args.gpus < 2:
             raise ValueError(f"--fsdp needs --gpus >= 2, got --gpus {args.gpus}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -113,10 +113,10 @@ def test_checkpointing_lora_and_fsdp_reduce_what_they_should():
     per_layer = (4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 2 * (4096 + 14336) + (14336 + 4096)
     assert lora.components["policy grads"] == 16 * 32 * per_layer * 2
     assert lora.components["reference"] == 0
-    fs = profiler.predict(s, dataclasses.replace(base, gpus=8, fsdp=True))
-    for k in profiler.STATIC:  # our trainer replicates the frozen reference and reward under FSDP2
-        assert fs.components[k] == (p0.components[k] if k in ("reference", "reward") else -(-p0.components[k] // 8))
-    fs_all = profiler.predict(s, dataclasses.replace(base, gpus=8, fsdp=True, shard_frozen=True))
+    fs_rep = profiler.predict(s, dataclasses.replace(base, gpus=8, fsdp=True, shard_frozen=False))
+    for k in profiler.STATIC:  # --replicate-frozen: a full reference and reward on every GPU
+        assert fs_rep.components[k] == (p0.components[k] if k in ("reference", "reward") else -(-p0.components[k] // 8))
+    fs = fs_all = profiler.predict(s, dataclasses.replace(base, gpus=8, fsdp=True))  # the trainer's default
     four0 = profiler.predict(s, base, "four-model")
     four8 = profiler.predict(s, dataclasses.replace(base, gpus=8, fsdp=True), "four-model")
     for k in profiler.STATIC:

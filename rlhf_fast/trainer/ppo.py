@@ -651,12 +651,16 @@ class PPOTrainer:
                              num_training_steps=steps, scheduler_specific_kwargs=a.lr_scheduler_kwargs or {})
 
     def _wrap_distributed(self):
-        """DDP over the trainable model when a process group exists (see rlhf_fast.trainer.distributed)."""
+        """DDP or FSDP2 over the trainable model when a process group exists; under FSDP2 the frozen
+        reference and reward model are sharded too (see rlhf_fast.trainer.distributed)."""
         if self.world_size == 1:
             return self.model
-        from rlhf_fast.trainer.distributed import wrap_model
+        from rlhf_fast.trainer.distributed import shard_frozen_models, wrap_model
 
-        return wrap_model(self.model, self.args, self.device)
+        wrapped = wrap_model(self.model, self.args, self.device)
+        if self.args.distributed_strategy == "fsdp2":
+            shard_frozen_models(self)
+        return wrapped
 
     def _new_state(self):
         from transformers import TrainerState

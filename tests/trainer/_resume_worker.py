@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from rlhf_fast.trainer import PPOConfig, PPOTrainer
 from rlhf_fast.trainer.distributed import init_from_env
-from tests.trainer.tiny import count_token_reward, make_tokenizer, prompt_rows, tiny_policy
+from tests.trainer.tiny import count_token_reward, make_tokenizer, prompt_rows, tiny_classifier, tiny_policy
 
 V = 32
 VOLATILE = ("eps", "time/", "tokens_per_second")
@@ -34,7 +34,7 @@ class StopAfter(TrainerCallback):
 
 
 def build(out: Path, strategy: str = "ddp", world_size: int = 1, global_batch: int = 8, total_steps: int = 4,
-          callbacks=None, num_mini_batches: int = 2) -> PPOTrainer:
+          callbacks=None, num_mini_batches: int = 2, reward: str = "callable") -> PPOTrainer:
     args = PPOConfig(
         output_dir=str(out), use_cpu=True, bf16=False, per_device_train_batch_size=global_batch // (2 * world_size),
         gradient_accumulation_steps=2, num_mini_batches=num_mini_batches, num_ppo_epochs=2, total_episodes=global_batch * total_steps,
@@ -43,7 +43,8 @@ def build(out: Path, strategy: str = "ddp", world_size: int = 1, global_batch: i
         disable_tqdm=True, gradient_checkpointing=False, seed=11, distributed_strategy=strategy,
         reward_norm=True,
     )
-    return PPOTrainer(args, make_tokenizer(V), tiny_policy(V, layers=2), None, count_token_reward("t5"),
+    reward_fn = count_token_reward("t5") if reward == "callable" else tiny_classifier(V, layers=2)
+    return PPOTrainer(args, make_tokenizer(V), tiny_policy(V, layers=2), None, reward_fn,
                       prompt_rows(32, V), callbacks=callbacks)
 
 
@@ -59,12 +60,15 @@ def main(argv=None):
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--mini", type=int, default=2, help="num_mini_batches")
+    ap.add_argument("--reward", choices=["callable", "model"], default="callable",
+                    help="a Python callable or a sequence-classification reward model")
     a = ap.parse_args(argv)
     init_from_env()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     out = Path(a.out)
     cbs = [StopAfter(a.stop_after)] if a.mode == "first" else None
-    tr = build(out / "run", a.strategy, world, a.global_batch, callbacks=cbs, num_mini_batches=a.mini)
+    tr = build(out / "run", a.strategy, world, a.global_batch, callbacks=cbs, num_mini_batches=a.mini,
+               reward=a.reward)
     tr.train(resume_from_checkpoint=True if a.mode == "resume" else None)
     from rlhf_fast.trainer.distributed import full_trainable_state
 
@@ -72,6 +76,8 @@ def main(argv=None):
     if tr.is_main:
         torch.save(weights, out / f"weights_{a.mode}.pt")
         (out / f"history_{a.mode}.json").write_text(json.dumps(clean_history(tr.state.log_history)))
+        frozen = {"reference": type(tr.model.reference).__name__, "reward": type(tr.reward).__name__}
+        (out / f"frozen_{a.mode}.json").write_text(json.dumps(frozen))
     if torch.distributed.is_initialized():
         # Every rank reaches teardown together: a rank that destroys its group while the other is
         # still writing can leave the slower one blocked in gloo's shutdown.

@@ -7,7 +7,9 @@ import torch
 from tests.trainer.test_checkpoint import load, run_worker
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-GLOBAL = ["--mini", "1"]  # one minibatch per rollout: the same rows meet in one update however they are sharded
+# One minibatch per rollout (the same rows meet in one update however they are sharded) and a reward
+# model, so FSDP2 runs shard the frozen reference and the reward model as well as the policy.
+GLOBAL = ["--mini", "1", "--reward", "model"]
 STEP_METRICS = ("objective/scores", "objective/kl", "objective/non_score_reward", "objective/rlhf_reward",
                 "objective/entropy", "val/num_eos_tokens", "episode", "lr")
 
@@ -46,6 +48,15 @@ def test_fsdp2_matches_ddp(runs):
     wf, hf = load(runs / "fsdp", "straight")
     assert_weights_close(wd, wf)
     assert_global_metrics_close(hd, hf)
+
+
+def test_fsdp2_shards_the_frozen_reference_and_reward_model(runs):
+    import json
+
+    assert json.loads((runs / "fsdp" / "frozen_straight.json").read_text()) == {
+        "reference": "ShardedReference", "reward": "ShardedReward"}
+    assert json.loads((runs / "ddp" / "frozen_straight.json").read_text()) == {
+        "reference": "FrozenReference", "reward": "ModelReward"}
 
 
 @pytest.mark.parametrize("first, then", [("fsdp2", "ddp"), ("ddp", "fsdp2")])
