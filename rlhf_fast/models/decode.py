@@ -53,6 +53,14 @@ def _families() -> tuple[dict, ...]:
     return tuple(out)
 
 
+def _value_neutral_hook(hook) -> bool:
+    """transformers' enable_input_require_grads hook (installed by gradient/activation checkpointing):
+    it only flags the embedding output as requiring grad, which never changes a value (and generation
+    runs without autograd anyway)."""
+    return (getattr(hook, "__module__", "").startswith("transformers.")
+            and getattr(hook, "__qualname__", "").endswith("enable_input_require_grads.<locals>.make_inputs_require_grads"))
+
+
 def _same_forward(module, cls) -> bool:
     """module is a cls (or a subclass that does not override forward)."""
     return isinstance(module, cls) and type(module).forward is cls.forward
@@ -125,7 +133,8 @@ def fast_decode_unsupported_reason(model, total_length: int | None = None) -> st
     if backbone.layers and rotary.inv_freq.numel() * 2 != backbone.layers[0].self_attn.head_dim:
         return "partial rotary embeddings are not supported"
     for name, module in model.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None) is not None:
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if any(not _value_neutral_hook(h) for h in hooks) or getattr(module, "_hf_hook", None) is not None:
             return f"module {name or type(model).__name__} has forward hooks (FSDP, accelerate offload, ...)"
     devices = set()
     for name, p in model.named_parameters():

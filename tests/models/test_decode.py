@@ -265,6 +265,20 @@ def test_active_sliding_window_falls_back(monkeypatch):
     assert supports_fast_decode(_model("mistral", seed=9, sliding_window=P + R + 1), P + R)
 
 
+def test_checkpointing_hook_keeps_the_fast_path():
+    """Gradient/activation checkpointing installs transformers' enable_input_require_grads hook on the
+    embeddings (it only sets requires_grad): PPOConfig enables checkpointing by default, so this must
+    not force the slow path."""
+    model = _model("qwen2", seed=12)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.embed_tokens._forward_hooks, "the test needs the hook installed"
+    model.train()
+    assert supports_fast_decode(model, P + R), fast_decode_unsupported_reason(model, P + R)
+    ids, mask = _batch(seed=12)
+    with torch.inference_mode():
+        assert_close(_lean_logits(model, ids, mask), _hf_full_logits(model.eval(), ids, mask), torch.float32)
+
+
 def test_hooks_and_other_structures_fall_back(monkeypatch):
     model = _model("llama", seed=10)
     handle = model.model.layers[1].mlp.register_forward_hook(lambda mod, inp, out: out * 2)
