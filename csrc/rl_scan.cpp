@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -440,13 +441,18 @@ __attribute__((target("avx2,fma"))) int64_t gae_tile_avx2(const float* rewards, 
   return bad;
 }
 
-// Size of the last-level cache: Linux sysfs (what lscpu shows), else sysconf, else 32 MiB. (In
-// some VMs glibc's sysconf reports the whole host's L3, 10x the cache this CPU shares.)
-int64_t last_level_cache_bytes() {
+// Working-set size (bytes) from which GAE writes its outputs with streaming stores: the size of the
+// last-level cache from Linux sysfs (what lscpu shows), else sysconf, else 32 MiB. (In some VMs
+// glibc's sysconf reports the whole host's L3, 10x the cache this CPU shares.) The environment
+// variable RLHF_FAST_GAE_STREAM_MIN_BYTES overrides it (0: always stream; a huge value: never), read
+// once per process, for A/B measurements on a given machine.
+int64_t gae_stream_min_bytes() {
   static const int64_t bytes = [] {
-#ifdef GAE_STREAM_MIN_BYTES
-    return int64_t{GAE_STREAM_MIN_BYTES};
-#endif
+    if (const char* env = std::getenv("RLHF_FAST_GAE_STREAM_MIN_BYTES")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (end != env && v >= 0) return static_cast<int64_t>(v);
+    }
     for (int index = 3; index >= 2; --index) {
       char path[64];
       std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
@@ -489,7 +495,7 @@ int64_t gae_f32(const float* rewards, const float* values, const uint8_t* mask, 
   // than the last-level cache, where the outputs would not stay cached for the next op anyway.
   // Below that, plain stores leave them in cache for the whitening pass that usually follows.
   const auto out_bits = reinterpret_cast<std::uintptr_t>(advantages) | reinterpret_cast<std::uintptr_t>(returns);
-  stream = T % 16 == 0 && out_bits % 64 == 0 && B * T * int64_t{17} > last_level_cache_bytes();
+  stream = T % 16 == 0 && out_bits % 64 == 0 && B * T * int64_t{17} > gae_stream_min_bytes();
 #endif
   // Work units: n_tiles tiles of 8 rows, then the leftover rows one by one (scalar).
   const int64_t n_units = n_tiles + (B - n_tiles * kTileRows);

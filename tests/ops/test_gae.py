@@ -1,4 +1,9 @@
 """gae: hand-worked values, every backend against the Python-loop reference, edge cases, bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -137,6 +142,34 @@ def test_cpp_matches_reference_beyond_last_level_cache():
     # 17 B per token above the last-level cache (32 MiB here): outputs are written with streaming
     # stores in 16-step pairs of blocks (T % 16 == 0); 523 rows leave 3 scalar rows after the tiles.
     _check("cpp", 523, 4096, torch.float32, 0.99, 0.95, True)
+
+
+@needs_ext
+@pytest.mark.parametrize("stream_min_bytes", ["0", "1000000000000"])
+def test_cpp_streaming_stores_forced_on_and_off(stream_min_bytes):
+    # RLHF_FAST_GAE_STREAM_MIN_BYTES (read once per process) forces the streaming-store path on for
+    # small shapes (0) or off for large ones, so both paths run whatever this CPU's cache size.
+    code = (
+        "import os\n"
+        "import torch\n"
+        "from tests.ops.test_gae import _check, _tile_boundary_masks\n"
+        "from rlhf_fast.ops.gae import gae, gae_reference\n"
+        "for B, T in [(16, 64), (17, 48), (9, 32), (8, 40), (24, 16)]:\n"
+        "    _check('cpp', B, T, torch.float32, 0.95, 0.95, True)\n"
+        "    _check('cpp', B, T, torch.float32, 1.0, 1.0, False)\n"
+        "r, v = torch.randn(16, 48), torch.randn(16, 48)\n"
+        "for name, m in _tile_boundary_masks(16, 48).items():\n"
+        "    got, ref = gae(r, v, m, 0.9, 0.8, backend='cpp'), gae_reference(r, v, m, 0.9, 0.8)\n"
+        "    torch.testing.assert_close(got.advantages, ref.advantages, atol=1e-5, rtol=1e-5, msg=name)\n"
+        "    torch.testing.assert_close(got.returns, ref.returns, atol=1e-5, rtol=1e-5, msg=name)\n"
+        "big = 520 if int(os.environ['RLHF_FAST_GAE_STREAM_MIN_BYTES']) > 0 else 16  # off: beyond the LLC\n"
+        "_check('cpp', big, 4096, torch.float32, 0.99, 0.95, False)\n"
+        "print('OK')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "RLHF_FAST_GAE_STREAM_MIN_BYTES": stream_min_bytes, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
 
 def _tile_boundary_masks(B, T):
