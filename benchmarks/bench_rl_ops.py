@@ -91,11 +91,17 @@ def side(op: str, provider: str, B: int, T: int, device: str = "cpu", dtype: str
     return time_fn(fn, warmup=warmup, repeats=repeats, device=device)
 
 
-def side_gae_vs_copy(B: int, T: int, device: str = "cpu", rounds: int = 7, repeats: int = 10) -> dict:
+def side_gae_vs_copy(B: int, T: int, device: str = "cpu", rounds: int = 7, repeats: int = 10,
+                     stream_min_bytes: int | None = None) -> dict:
     """GAE with preallocated outputs and a preallocated ``copy_`` of the same bytes, timed in the same
     process in alternating rounds. Returns per-round medians (ms) and copy/gae fractions, plus
-    ``time_ms`` / ``copy_time_ms``: the medians over rounds."""
+    ``time_ms`` / ``copy_time_ms``: the medians over rounds. stream_min_bytes: sets
+    RLHF_FAST_GAE_STREAM_MIN_BYTES (the C++ scan's streaming-store threshold) for this process."""
+    import os
     import statistics
+
+    if stream_min_bytes is not None:  # read by the C++ scan on its first call
+        os.environ["RLHF_FAST_GAE_STREAM_MIN_BYTES"] = str(stream_min_bytes)
 
     import torch
 
@@ -175,6 +181,10 @@ def main(argv=None) -> list[dict]:
     copy_fraction = float(pair.get("fraction", float("nan")))
     fractions = pair.get("fractions", [])
     fresh_fraction = float(ratio(copy.get("time_ms"), fresh.get("time_ms")))
+    # The C++ scan switches to streaming stores when the working set exceeds the last-level cache;
+    # the same pair with plain stores shows what that choice is worth on this machine.
+    plain = run_isolated("benchmarks.bench_rl_ops:side_gae_vs_copy", threads=threads, mmap_threshold=False,
+                         device=dev, B=bw_B, T=bw_T, stream_min_bytes=2**62) if dev == "cpu" else {}
 
     # ---- whitening, KL, token rewards vs eager torch
     ew_shapes = [] if args.gae_only else [(512, 4096)] if not args.full else [(1024, 8192), (256, 1024)]
@@ -204,6 +214,9 @@ def main(argv=None) -> list[dict]:
           f"{'met' if copy_fraction >= GAE_TARGET_COPY_FRACTION else 'NOT met'}; "
           f"per round {min(fractions, default=float('nan')):.0%}..{max(fractions, default=float('nan')):.0%}; "
           f"with fresh outputs {fresh_fraction:.0%} ({_gbs(nbytes, fresh) or float('nan'):.2f} GB/s)")
+    if "fraction" in plain:
+        print(f"  (info) same pair with the scan's streaming stores off: {plain['fraction']:.0%} "
+              f"(per round {min(plain['fractions']):.0%}..{max(plain['fractions']):.0%})")
     append_rows(rows)
     return rows
 
