@@ -109,24 +109,41 @@ def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, t
 
 
 def preference_pairs(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int,
-                     noisy: bool) -> list[dict]:
-    """Two samples per prompt from ``model``, ordered by the gold judge (noisy: labels drawn with
-    P = sigmoid(5·Δgold); else the noiseless preference, ties dropped). Identical or empty pairs are dropped."""
+                     noisy: bool, samples_per_prompt: int = 2) -> list[dict]:
+    """Preference rows from ``samples_per_prompt`` (k >= 2) samples per prompt of ``model``: every one of
+    the k·(k−1)/2 pairs of a prompt's samples, ordered by the gold judge (noisy: labels drawn with
+    P = sigmoid(5·Δgold), one independent draw per pair; else the noiseless preference, ties dropped).
+    Identical or empty pairs are dropped.
+
+    Each pair is two independent samples for the same prompt whatever k is, so k only changes how many
+    labelled pairs one batch of samples yields, not the distribution of a pair.
+    """
     from rlhf_fast.demo_data import gold_prefers, gold_reward, preference_label
 
-    a = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    b = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                     seed=seed + 7919)
+    if samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt must be >= 2 (a pair needs two samples), got {samples_per_prompt}")
+    # sample j of every prompt uses its own seed stream; j = 0, 1 are the streams of the two-sample version
+    samples = [sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                            seed=seed + 7919 * j) for j in range(samples_per_prompt)]
     rng = random.Random(seed)
     rows = []
-    for p, x, y in zip(prompts, a, b):
-        if x == y or not x.strip() or not y.strip():  # identical or empty (immediate EOS): no preference
-            continue
-        if not noisy and gold_reward(x) == gold_reward(y):  # a tie has no noiseless preference to agree with
-            continue
-        first = preference_label(x, y, rng) if noisy else gold_prefers(x, y)
-        rows.append({"prompt": p, "chosen": x if first else y, "rejected": y if first else x})
+    for i, p in enumerate(prompts):
+        for j in range(samples_per_prompt):
+            for k in range(j + 1, samples_per_prompt):
+                x, y = samples[j][i], samples[k][i]
+                if x == y or not x.strip() or not y.strip():  # identical or empty (immediate EOS): no preference
+                    continue
+                if not noisy and gold_reward(x) == gold_reward(y):  # a tie has no noiseless preference to agree with
+                    continue
+                first = preference_label(x, y, rng) if noisy else gold_prefers(x, y)
+                rows.append({"prompt": p, "chosen": x if first else y, "rejected": y if first else x})
     return rows
+
+
+def pair_prompt_count(num_pairs: int, samples_per_prompt: int) -> int:
+    """Prompts to sample so that k samples each give at least ``num_pairs`` pairs (before dropped ones)."""
+    per_prompt = samples_per_prompt * (samples_per_prompt - 1) // 2
+    return math.ceil(num_pairs / per_prompt)
 
 
 # ============================================================================ the pipeline
@@ -135,13 +152,19 @@ class PipelineConfig:
     """Settings of ``rlhf-fast pipeline`` (YAML section ``pipeline:``)."""
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Where every stage and the report go."})
-    num_train_pairs: int = field(default=4000, metadata={"help": "RM training prompts (2 SFT samples each)."})
+    num_train_pairs: int = field(default=4000, metadata={"help": "RM training pairs (noisy labels), before identical or empty ones are dropped."})
     num_heldout_pairs: int = field(default=200, metadata={"help": "Held-out pairs for RM accuracy (noiseless labels)."})
+    pair_samples_per_prompt: int = field(default=2, metadata={"help": "k SFT samples per pair prompt; all k(k-1)/2 pairs of a prompt are labelled (train and held-out alike)."})
     pair_max_new_tokens: int = field(default=48, metadata={"help": "Tokens per sampled response."})
     pair_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for pairs and evaluation."})
     num_eval_prompts: int = field(default=200, metadata={"help": "Held-out prompts sampled before and after PPO."})
     seed: int = 0
     reuse_finished_stages: bool = field(default=False, metadata={"help": "Skip a stage whose directory is finished."})
+
+    def __post_init__(self):
+        if self.pair_samples_per_prompt < 2:
+            raise ValueError(f"pair_samples_per_prompt must be >= 2 (a pair needs two samples), "
+                             f"got {self.pair_samples_per_prompt}")
 
 
 class GoldTracker:
@@ -250,12 +273,17 @@ def run_pipeline(config_path=None, overrides: list[str] | None = None) -> dict:
     # ---- 2. preference pairs sampled from the SFT model, judged by the gold judge
     t = time.time()
     print("[pipeline] 2/4 sampling preference pairs from the SFT model", flush=True)
-    pair_prompts = [rng.choice(train_prompts) for _ in range(pipe.num_train_pairs)]
+    k = pipe.pair_samples_per_prompt
+    pair_prompts = [rng.choice(train_prompts) for _ in range(pair_prompt_count(pipe.num_train_pairs, k))]
     train_pairs = preference_pairs(sft_model, tokenizer, pair_prompts, max_new_tokens=pipe.pair_max_new_tokens,
-                                   temperature=pipe.pair_temperature, seed=pipe.seed + 1, noisy=True)
-    held_prompts = [heldout_prompts[i % len(heldout_prompts)] for i in range(pipe.num_heldout_pairs)]
+                                   temperature=pipe.pair_temperature, seed=pipe.seed + 1, noisy=True,
+                                   samples_per_prompt=k)
+    # held-out pairs are sampled exactly as the training pairs (k per prompt), from held-out paragraphs
+    held_prompts = [heldout_prompts[i % len(heldout_prompts)]
+                    for i in range(pair_prompt_count(pipe.num_heldout_pairs, k))]
     heldout_pairs = preference_pairs(sft_model, tokenizer, held_prompts, max_new_tokens=pipe.pair_max_new_tokens,
-                                     temperature=pipe.pair_temperature, seed=pipe.seed + 2, noisy=False)
+                                     temperature=pipe.pair_temperature, seed=pipe.seed + 2, noisy=False,
+                                     samples_per_prompt=k)
     _write_jsonl(out / "preference_pairs_train.jsonl", train_pairs)
     _write_jsonl(out / "preference_pairs_heldout.jsonl", heldout_pairs)
     timings["pairs_seconds"] = time.time() - t

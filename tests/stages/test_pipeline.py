@@ -25,10 +25,15 @@ def test_pipeline_smoke_writes_every_artifact(tmp_path):
         assert key in summary, key
     assert json.loads((out / "summary.json").read_text())["ppo_steps"] == 2
     for name in ("samples_sft.jsonl", "samples_ppo.jsonl", "report.md", "ppo_curves.png", "rm_accuracy.png",
-                 "ppo_gold.jsonl", "preference_pairs_train.jsonl"):
+                 "ppo_gold.jsonl", "preference_pairs_train.jsonl", "preference_pairs_heldout.jsonl"):
         assert (out / name).is_file(), name
     for stage in ("sft", "rm", "ppo/model"):
         assert (out / stage / "COMPLETE").is_file(), stage
+    # demo.yaml's rm.pooling reaches the saved reward model (which PPO then scored with)
+    assert json.loads((out / "rm" / "config.json").read_text())["rlhf_fast_reward_pooling"] == "mean"
+    # 96 pairs from 4 samples per prompt: 16 prompts x 6 pairs, fewer only by identical or empty samples
+    train_pairs = [json.loads(x) for x in (out / "preference_pairs_train.jsonl").read_text().splitlines()]
+    assert 0 < len(train_pairs) <= 96 and len({r["prompt"] for r in train_pairs}) <= 16
     sft = [json.loads(x) for x in (out / "samples_sft.jsonl").read_text().splitlines()]
     ppo = [json.loads(x) for x in (out / "samples_ppo.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in sft] == [r["prompt"] for r in ppo] and len(sft) == 16
@@ -59,3 +64,34 @@ def test_ppo_config_typo_lists_valid_keys(capsys):
     code = cli_main(["ppo", "kl_coeff=0.1", "use_cpu=true"])
     assert code == 2
     assert "kl_coef" in capsys.readouterr().err
+
+
+def test_preference_pairs_label_every_pair_of_k_samples_per_prompt(make_tiny_lm, tiny_tokenizer):
+    from itertools import combinations
+
+    from rlhf_fast.demo_data import gold_prefers, gold_reward
+    from rlhf_fast.pipeline import PipelineConfig, pair_prompt_count, preference_pairs, sample_texts
+
+    lm = make_tiny_lm(seed=1)
+    prompts = ["The value of a function", "A module is a file", "Each class has"]
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=5)
+    rows = preference_pairs(lm, tiny_tokenizer, prompts, noisy=False, samples_per_prompt=3, **kw)
+    # the k samples of each prompt are the sampler's own streams seed + 7919·j
+    samples = [sample_texts(lm, tiny_tokenizer, prompts, max_new_tokens=12, temperature=1.0, seed=5 + 7919 * j)
+               for j in range(3)]
+    expected = []
+    for i, p in enumerate(prompts):
+        for x, y in combinations([s[i] for s in samples], 2):
+            if x != y and x.strip() and y.strip() and gold_reward(x) != gold_reward(y):
+                expected.append((p, *sorted((x, y))))
+    assert sorted((r["prompt"], *sorted((r["chosen"], r["rejected"]))) for r in rows) == sorted(expected)
+    assert len(expected) >= 4  # random-init samples differ: the check above compared real pairs
+    assert all(gold_prefers(r["chosen"], r["rejected"]) for r in rows)  # noiseless: the gold judge's order
+    # k = 2 is the original two-sample version (streams seed and seed + 7919)
+    two = preference_pairs(lm, tiny_tokenizer, prompts, noisy=False, samples_per_prompt=2, **kw)
+    assert {tuple(sorted((r["chosen"], r["rejected"]))) for r in two} <= {tuple(e[1:]) for e in expected}
+    assert pair_prompt_count(500, 4) == 84 and pair_prompt_count(500, 2) == 500
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 2"):
+        preference_pairs(lm, tiny_tokenizer, prompts, noisy=True, samples_per_prompt=1, **kw)
+    with pytest.raises(ValueError, match="pair_samples_per_prompt must be >= 2"):
+        PipelineConfig(pair_samples_per_prompt=1)
