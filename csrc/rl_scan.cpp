@@ -473,8 +473,14 @@ int64_t gae_stream_min_bytes() {
   return bytes;
 }
 
+// RLHF_FAST_GAE_SIMD=0 in the environment (read once per process) keeps the portable scalar rows
+// on an AVX2 CPU too: tests run that fallback on whole shapes, benchmarks compare the two.
 bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = [] {
+    const char* env = std::getenv("RLHF_FAST_GAE_SIMD");
+    if (env != nullptr && env[0] == '0' && env[1] == '\0') return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return has;
 }
 #endif

@@ -145,10 +145,13 @@ def test_cpp_matches_reference_beyond_last_level_cache():
 
 
 @needs_ext
-@pytest.mark.parametrize("stream_min_bytes", ["0", "1000000000000"])
-def test_cpp_streaming_stores_forced_on_and_off(stream_min_bytes):
-    # RLHF_FAST_GAE_STREAM_MIN_BYTES (read once per process) forces the streaming-store path on for
-    # small shapes (0) or off for large ones, so both paths run whatever this CPU's cache size.
+@pytest.mark.parametrize("env", [{"RLHF_FAST_GAE_STREAM_MIN_BYTES": "0"},
+                                 {"RLHF_FAST_GAE_STREAM_MIN_BYTES": "1000000000000"},
+                                 {"RLHF_FAST_GAE_SIMD": "0", "RLHF_FAST_GAE_STREAM_MIN_BYTES": "1"}])
+def test_cpp_forced_paths_match_reference(env):
+    # Read once per process, so each runs in a subprocess: RLHF_FAST_GAE_STREAM_MIN_BYTES forces the
+    # streaming-store path on for small shapes (0) or off for large ones, whatever this CPU's cache
+    # size; RLHF_FAST_GAE_SIMD=0 runs the portable scalar rows on every row of an AVX2 CPU.
     code = (
         "import os\n"
         "import torch\n"
@@ -167,8 +170,8 @@ def test_cpp_streaming_stores_forced_on_and_off(stream_min_bytes):
         "print('OK')\n"
     )
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "RLHF_FAST_GAE_STREAM_MIN_BYTES": stream_min_bytes, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
 
