@@ -36,7 +36,6 @@ Target (issue 10): ours >= 2x faster and <= 0.6x the memory.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -46,7 +45,6 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
-    _CHILD_MARK,
     append_rows,
     make_row,
     print_table,
@@ -185,25 +183,6 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, beta: float, dev
 
 
 # ----------------------------------------------------------------------------- the TRL interpreter
-def _run_with(python: str, target: str, timeout: float = 3600, **kwargs) -> dict:
-    """benchmarks.common.run_isolated with another interpreter (same child protocol, same environment)."""
-    # abspath, not realpath: a venv's python is a symlink to the same base interpreter as ours.
-    if os.path.abspath(python) == os.path.abspath(sys.executable):
-        return run_isolated(target, timeout=timeout, **kwargs)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [python, "-m", "benchmarks.common", "--child", target, json.dumps(kwargs)]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_CHILD_MARK):
-            return json.loads(line[len(_CHILD_MARK):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-
-
 def _trl_version(python: str) -> str | None:
     try:
         out = subprocess.run([python, "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True,
@@ -278,8 +257,8 @@ def main(argv=None) -> list[dict]:
         res: dict[str, dict] = {}
         for _ in range(max(1, args.repeats)):  # round-robin; each side keeps its fastest run
             for p in (trl_name, "rlhf_fast"):
-                r = _run_with(trl_python if p == trl_name else sys.executable, "benchmarks.bench_grpo:side",
-                              provider=p, **kw)
+                r = run_isolated("benchmarks.bench_grpo:side", timeout=3600,
+                                 python=trl_python if p == trl_name else None, provider=p, **kw)
                 if p not in res or r.get("time_ms", float("inf")) < res[p].get("time_ms", float("inf")):
                     res[p] = r
         shape = f"P{PROMPTS}x{GENERATIONS} R{RESPONSE} V{vocab} beta{args.beta:g}"

@@ -147,12 +147,13 @@ def _child(target: str, kwargs: dict) -> None:
 
 
 def run_isolated(target: str, timeout: float = 1800, threads: int | None = None, mmap_threshold: bool = True,
-                 **kwargs) -> dict:
+                 python: str | None = None, **kwargs) -> dict:
     """Run ``module:function(**kwargs)`` in a fresh process; returns its dict plus ``mem_bytes``.
 
     On failure (e.g. out of memory) returns {"error": "..."} instead of raising, so a comparison
     can report that one side did not complete. mmap_threshold=False times with the default allocator
     (its mem_bytes then overstates the op's own memory; take memory from a run with it on).
+    python: another interpreter for the child (e.g. a venv with a different trl); default ours.
     """
     env = dict(os.environ)
     if mmap_threshold:  # for memory: freed buffers go back to the OS, so RSS peaks are the op's own
@@ -162,7 +163,7 @@ def run_isolated(target: str, timeout: float = 1800, threads: int | None = None,
     env.pop("TRITON_INTERPRET", None)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "benchmarks.common", "--child", target, json.dumps(kwargs)]
+    cmd = [python or sys.executable, "-m", "benchmarks.common", "--child", target, json.dumps(kwargs)]
     root = Path(__file__).resolve().parent.parent
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
