@@ -554,6 +554,9 @@ class PPOTrainer:
                                                 self.tokenizer, self.optimizer, self.lr_scheduler)
         self.logger: MetricsLogger | None = None
         self.nonfinite_steps = 0
+        # When the first update is one micro-batch of the whole batch, its forward doubles as the rollout
+        # forward (see _first_update_reuses_rollout_forward); False always runs the separate no-grad pass.
+        self.reuse_rollout_forward = True
         self._completions_rows: list[dict] = []
 
     # ------------------------------------------------------------------ setup helpers
@@ -860,9 +863,19 @@ class PPOTrainer:
             return self._skip_step("non-finite reward", t0)
 
         need_reference = self.reference_mode != "none"
-        fwd = rollout_forward(self.model, rollout, prompt_mask, temperature=max(a.temperature, 1e-7),
-                              need_reference=need_reference, chunk_size=a.local_rollout_forward_batch_size,
-                              autocast=self._autocast, need_policy=not self._on_policy_update())
+        first_out = None
+        if self._first_update_reuses_rollout_forward(rollout):
+            # One forward serves twice: its detached outputs are the old log-probs and values, and its graph
+            # is the first update's forward (same weights, no dropout, one micro-batch = the whole batch).
+            # The reference runs first, so its transient buffers never overlap the policy's graph.
+            ref_fwd = rollout_forward(self.model, rollout, prompt_mask, temperature=max(a.temperature, 1e-7),
+                                      need_reference=need_reference, chunk_size=a.local_rollout_forward_batch_size,
+                                      autocast=self._autocast, need_policy=False)
+            fwd, first_out = self._forward_with_grad(rollout, prompt_mask, ref_fwd.ref_logprobs)
+        else:
+            fwd = rollout_forward(self.model, rollout, prompt_mask, temperature=max(a.temperature, 1e-7),
+                                  need_reference=need_reference, chunk_size=a.local_rollout_forward_batch_size,
+                                  autocast=self._autocast, need_policy=not self._on_policy_update())
         if grouped:
             adv = compute_group_advantages(fwd, scores, rollout.response_mask, estimator=a.advantage_estimator,
                                            num_generations=a.num_generations, kl_coef=self.kl_ctl.value,
@@ -874,7 +887,7 @@ class PPOTrainer:
                                      whiten_rewards=a.whiten_rewards, whiten_advantages=a.whiten_advantages,
                                      group=self.group)
         t_fwd = time.perf_counter()
-        stats, skipped, first_epoch = self._update(rollout, prompt_mask, fwd, adv)
+        stats, skipped, first_epoch = self._update(rollout, prompt_mask, fwd, adv, first_out)
         t_upd = time.perf_counter()
 
         mask = rollout.response_mask
@@ -946,7 +959,36 @@ class PPOTrainer:
             return False
         return not (a.advantage_estimator == "reinforce_pp" and self.reference_mode != "none")
 
-    def _update(self, rollout: Rollout, prompt_mask: torch.Tensor, fwd: RolloutForward, adv: Advantages):
+    def _first_update_reuses_rollout_forward(self, rollout: Rollout) -> bool:
+        """PPO with a critic whose first update is one micro-batch holding the whole rollout batch
+        (num_mini_batches = 1, no gradient accumulation, nothing chunked) on weights without dropout:
+        that update's forward computes exactly the rollout forward's log-probs and values."""
+        a = self.args
+        if not self.reuse_rollout_forward or not a.uses_critic or a.num_mini_batches != 1:
+            return False
+        B = rollout.responses.shape[0]
+        if a.per_device_train_batch_size < B or a.local_rollout_forward_batch_size < B:
+            return False
+        return not any((isinstance(m, nn.Dropout) and m.p > 0)
+                       or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0 for m in self.model.modules())
+
+    def _forward_with_grad(self, rollout: Rollout, prompt_mask: torch.Tensor, ref_logprobs):
+        """The first update's forward over the whole batch (rows in order), with its graph kept.
+        Returns (RolloutForward of detached outputs padded to R, (ModelOutput, cols))."""
+        a = self.args
+        self.model.train()
+        ids, attn, start, cols = trim_batch(rollout.query_responses, prompt_mask, rollout.response_mask)
+        m = rollout.response_mask[:, :cols]
+        R = rollout.responses.shape[1]
+        with self._autocast():
+            out = self.ddp_model(ids, attn, response_start=start, return_entropy=True, return_values=True,
+                                 temperature=max(a.temperature, 1e-7))
+        fwd = RolloutForward(_pad_right(out.logprobs.detach().float() * m, R), ref_logprobs,
+                             _pad_right(out.values.detach().float() * m, R))
+        return fwd, (out, cols)
+
+    def _update(self, rollout: Rollout, prompt_mask: torch.Tensor, fwd: RolloutForward, adv: Advantages,
+                first_out=None):
         """num_ppo_epochs x minibatches x micro-batches of clipped updates.
 
         Returns (StepStats, skipped, sums over the valid tokens of the first epoch's forwards:
@@ -964,6 +1006,8 @@ class PPOTrainer:
         skipped = 0
         for _epoch in range(a.num_ppo_epochs):
             perm = torch.randperm(B, generator=g)
+            if _epoch == 0 and first_out is not None:
+                perm = torch.arange(B)  # the kept forward holds the rows in order (one micro-batch: same loss)
             for mb_start in range(0, B, a.local_mini_batch_size):
                 mb = perm[mb_start:mb_start + a.local_mini_batch_size]
                 num_tokens = all_reduce_sum(mask[mb].sum().float().reshape(1))
@@ -974,8 +1018,9 @@ class PPOTrainer:
                     ctx = self.ddp_model.no_sync() if (not sync and hasattr(self.ddp_model, "no_sync")) \
                         else contextlib.nullcontext()
                     with ctx:
+                        reuse = first_out if (_epoch == 0 and mb_start == 0 and k == 0) else None
                         loss, st = self._micro_step(rollout, prompt_mask, fwd, adv, idx, num_tokens, num_seqs,
-                                                    clip_high, need_entropy)
+                                                    clip_high, need_entropy, reuse)
                     sums = {k: st.pop(k) for k in ("neg_logprob_sum", "kl_sum") if k in st}
                     if _epoch == 0:
                         for k, v in sums.items():
@@ -1003,14 +1048,20 @@ class PPOTrainer:
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def _micro_step(self, rollout, prompt_mask, fwd, adv, idx, num_tokens, num_seqs, clip_high, need_entropy):
+    def _micro_step(self, rollout, prompt_mask, fwd, adv, idx, num_tokens, num_seqs, clip_high, need_entropy,
+                    reuse=None):
+        """reuse: (ModelOutput, cols) of a forward already run with grad on these rows (see step())."""
         a = self.args
-        ids, attn, start, cols = trim_batch(rollout.query_responses[idx], prompt_mask[idx], rollout.response_mask[idx])
-        m = rollout.response_mask[idx][:, :cols]
         critic = a.uses_critic
-        with self._autocast():
-            out = self.ddp_model(ids, attn, response_start=start, return_entropy=need_entropy, return_values=critic,
-                                 temperature=max(a.temperature, 1e-7))
+        if reuse is not None:
+            out, cols = reuse
+        else:
+            ids, attn, start, cols = trim_batch(rollout.query_responses[idx], prompt_mask[idx],
+                                                rollout.response_mask[idx])
+            with self._autocast():
+                out = self.ddp_model(ids, attn, response_start=start, return_entropy=need_entropy,
+                                     return_values=critic, temperature=max(a.temperature, 1e-7))
+        m = rollout.response_mask[idx][:, :cols]
         new_lp = out.logprobs.float()
         # On-policy critic-free update (no rollout policy forward): old = new, detached (ratio 1, as TRL).
         old_lp = fwd.logprobs[idx][:, :cols] if fwd.logprobs is not None else new_lp.detach()

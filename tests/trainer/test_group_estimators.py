@@ -166,7 +166,7 @@ def test_trainer_advantages_equal_the_estimators(monkeypatch, tmp_path, estimato
     spy(monkeypatch, ppo_mod, "score_rollout", scored)
     orig_update = PPOTrainer._update
 
-    def update(self, rollout, prompt_mask, fwd, adv):
+    def update(self, rollout, prompt_mask, fwd, adv, first_out=None):
         updates.append((rollout, fwd, adv))
         return orig_update(self, rollout, prompt_mask, fwd, adv)
 

@@ -207,3 +207,38 @@ def test_same_model_as_reference_is_refused(tmp_path):
 def test_unsupported_training_arguments_warn_by_name(tmp_path):
     with pytest.warns(UserWarning, match="label_smoothing_factor=0.1 is not used"):
         config(tmp_path, label_smoothing_factor=0.1)
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_first_update_reusing_the_rollout_forward_changes_nothing_but_the_work(tmp_path, critic):
+    """One micro-batch holding the whole batch: the first update's forward doubles as the rollout forward.
+    Same weights and metrics as the separate no-grad pass, one policy forward fewer per step."""
+    kw = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=2,
+              total_episodes=24, critic=critic)
+    results = []
+    for reuse in (True, False):
+        tr = PPOTrainer(config(tmp_path / str(reuse), **kw), make_tokenizer(V), tiny_policy(V), None,
+                        count_token_reward("t5"), prompt_rows(24, V),
+                        value_model=tiny_classifier(V) if critic == "separate" else None)
+        tr.reuse_rollout_forward = reuse
+        calls = []
+        tr.ddp_model.register_forward_pre_hook(lambda *_: calls.append(1))
+        tr.train()
+        weights = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+        results.append((weights, tr.state.log_history, len(calls)))
+    (w_reuse, h_reuse, n_reuse), (w_sep, h_sep, n_sep) = results
+    assert (n_reuse, n_sep) == (3 * 2, 3 * 3)  # 3 steps: 2 epochs of updates, plus the rollout pass without reuse
+    for n in w_sep:
+        torch.testing.assert_close(w_reuse[n], w_sep[n], atol=2e-6, rtol=1e-5, msg=n)
+    for a, b in zip(h_reuse, h_sep):
+        for k in ("objective/kl", "objective/scores", "objective/entropy", "loss/policy_avg", "loss/value_avg",
+                  "policy/approxkl_avg", "val/ratio"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
+def test_first_update_reuse_needs_one_micro_batch_of_the_whole_batch(tmp_path):
+    tr = trainer(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=1)
+    calls = []
+    tr.ddp_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    tr.train()
+    assert len(calls) == 2 * (1 + 2)  # 2 steps: a rollout pass + 2 micro-batches each
