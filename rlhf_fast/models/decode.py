@@ -331,4 +331,22 @@ class LeanDecoder:
         return F.linear(g * F.linear(x, up.weight, up.bias), down.weight, down.bias)
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        return F.linear(_rms_norm(h_last, self.final_norm), self.lm_head.weight, self.lm_head.bias)
+        x = _rms_norm(h_last, self.final_norm)
+        w, bias = self.lm_head.weight, self.lm_head.bias
+        if _head_as_weight_times_x(x, w):
+            logits = torch.mm(w, x.t()).t().contiguous()
+            return logits + bias if bias is not None else logits
+        return F.linear(x, w, bias)
+
+
+# Few rows against a large fp32 head on CPU: MKL streams the [V, H] weight about twice as slowly for
+# x @ W^T as for W @ x^T (measured here: B=8, H=128, V=32000 2.3 vs 1.5 ms; V=128256 11.0 vs 6.0 ms;
+# H=1024 24 vs 16 ms), while a head that fits in cache (V=8192, H=128) or B >= 12 favours F.linear.
+_HEAD_T_MAX_ROWS = 8
+_HEAD_T_MIN_BYTES = 8 << 20
+
+
+def _head_as_weight_times_x(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= _HEAD_T_MAX_ROWS
+            and x.dtype == w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and w.numel() * 4 >= _HEAD_T_MIN_BYTES)

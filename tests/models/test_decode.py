@@ -318,3 +318,18 @@ def test_uniform_grid_is_bitwise_the_per_step_counter():
     assert grid.shape == (6, 70) and grid.dtype == torch.float64
     for t in (0, 1, 33, 69):
         assert torch.equal(grid[:, t], rollout.counter_uniform(seeds, t))
+
+
+def test_large_head_with_few_rows_takes_the_transposed_product_and_matches_hf():
+    """B <= 8 rows against an fp32 head of >= 8 MiB: logits come from W @ x^T (see decode._logits)."""
+    from rlhf_fast.models.decode import _head_as_weight_times_x
+
+    model = _model("qwen2", seed=2, vocab_size=65536)  # head [65536, 32] fp32 = 8 MiB
+    x = torch.zeros(4, 32)
+    assert _head_as_weight_times_x(x, model.lm_head.weight)
+    assert not _head_as_weight_times_x(torch.zeros(16, 32), model.lm_head.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _head_as_weight_times_x(x, model.lm_head.weight)
+    ids, mask = _batch(seed=2)
+    with torch.inference_mode():
+        assert_close(_lean_logits(model, ids, mask), _hf_full_logits(model, ids, mask), torch.float32)
