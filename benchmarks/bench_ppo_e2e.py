@@ -8,7 +8,8 @@ its own process (memory = peak RSS above the post-import baseline, or CUDA max a
   trl              trl==1.12.0 PPOTrainer (policy, ref, value and reward models as its script passes)
   rlhf_fast-trl    our PPOTrainer with the same four models (separate critic, the given fp32 reference)
   rlhf_fast-shared our PPOTrainer with critic="shared" and a bf16 frozen reference (no value model built)
-Time = median seconds per PPO step after the first (wall clock between on_step_end callbacks).
+Time = median seconds per PPO step after the first (wall clock between on_step_end callbacks), from a
+run with the default allocator; memory from a second run of the same side with MALLOC_MMAP_THRESHOLD_.
 Tokens/s = batch x response_length / step time (nominal: both sides sample up to 64 tokens or EOS).
 """
 from __future__ import annotations
@@ -119,6 +120,20 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
             "steps": len(step_s), "first_step_s": step_s[0], "tokens_per_s": BATCH * RESPONSE / t}
 
 
+def _measure(provider: str, vocab: int, steps: int, model_dir: str, device: str) -> dict:
+    """Two runs of one side: time with the default allocator (as users run it: freed buffers are
+    reused), memory with MALLOC_MMAP_THRESHOLD_ (freed buffers go back to the OS, so the RSS peak is
+    the program's own). With the threshold every large tensor is a fresh mmap and page faults add
+    ~25% to a step here, on both sides."""
+    kw = dict(provider=provider, vocab=vocab, steps=steps, model_dir=model_dir, device=device, timeout=3600)
+    timed = run_isolated("benchmarks.bench_ppo_e2e:side", mmap_threshold=False, **kw)
+    if "error" in timed or device != "cpu":
+        return timed
+    measured = run_isolated("benchmarks.bench_ppo_e2e:side", **kw)
+    return {**timed, "mem_bytes": measured.get("mem_bytes"), "error": measured["error"]} if "error" in measured \
+        else {**timed, "mem_bytes": measured["mem_bytes"]}
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="more steps")
@@ -132,9 +147,7 @@ def main(argv=None) -> list[dict]:
     for vocab in args.vocab:
         model_dir = os.path.join(tempfile.gettempdir(), f"rlhf_fast_bench_ppo_v{vocab}")
         _models(model_dir, vocab)
-        res = {p: run_isolated("benchmarks.bench_ppo_e2e:side", provider=p, vocab=vocab, steps=steps,
-                               model_dir=model_dir, device=args.device, timeout=3600)
-               for p in args.providers}
+        res = {p: _measure(p, vocab, steps, model_dir, args.device) for p in args.providers}
         shape = f"B{BATCH} R{RESPONSE} V{vocab} ep{EPOCHS}"
         for p, r in res.items():
             rows.append(make_row("ppo_e2e", "ppo_step", shape, "float32", p, r, args.device,
