@@ -33,7 +33,7 @@ from benchmarks.common import (
     make_row,
     print_table,
     ratio,
-    run_isolated,
+    run_timed_and_measured,
     tiny_qwen2_config,
     word_tokenizer,
 )
@@ -166,8 +166,8 @@ def main(argv=None) -> list[dict]:
         res: dict[str, dict] = {}
         for _ in range(max(1, args.repeats)):
             for p in args.providers:
-                r = run_isolated("benchmarks.bench_dpo:side", provider=p, vocab=vocab, steps=steps, model_dir=model_dir,
-                                 device=args.device)
+                r = run_timed_and_measured("benchmarks.bench_dpo:side", provider=p, vocab=vocab, steps=steps,
+                                           model_dir=model_dir, device=args.device)
                 if p not in res or r.get("time_ms", float("inf")) < res[p].get("time_ms", float("inf")):
                     res[p] = r
         shape = f"B={BATCH} pairs, resp={RESPONSE}, V={vocab}"

@@ -49,7 +49,7 @@ from benchmarks.common import (
     make_row,
     print_table,
     ratio,
-    run_isolated,
+    run_timed_and_measured,
     tiny_qwen2_config,
     word_tokenizer,
 )
@@ -257,8 +257,8 @@ def main(argv=None) -> list[dict]:
         res: dict[str, dict] = {}
         for _ in range(max(1, args.repeats)):  # round-robin; each side keeps its fastest run
             for p in (trl_name, "rlhf_fast"):
-                r = run_isolated("benchmarks.bench_grpo:side", timeout=3600,
-                                 python=trl_python if p == trl_name else None, provider=p, **kw)
+                r = run_timed_and_measured("benchmarks.bench_grpo:side", timeout=3600,
+                                           python=trl_python if p == trl_name else None, provider=p, **kw)
                 if p not in res or r.get("time_ms", float("inf")) < res[p].get("time_ms", float("inf")):
                     res[p] = r
         shape = f"P{PROMPTS}x{GENERATIONS} R{RESPONSE} V{vocab} beta{args.beta:g}"

@@ -25,7 +25,7 @@ from benchmarks.common import (
     make_row,
     print_table,
     ratio,
-    run_isolated,
+    run_timed_and_measured,
     tiny_qwen2_config,
     word_tokenizer,
 )
@@ -120,20 +120,6 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
             "steps": len(step_s), "first_step_s": step_s[0], "tokens_per_s": BATCH * RESPONSE / t}
 
 
-def _measure(provider: str, vocab: int, steps: int, model_dir: str, device: str) -> dict:
-    """Two runs of one side: time with the default allocator (as users run it: freed buffers are
-    reused), memory with MALLOC_MMAP_THRESHOLD_ (freed buffers go back to the OS, so the RSS peak is
-    the program's own). With the threshold every large tensor is a fresh mmap and page faults add
-    ~25% to a step here, on both sides."""
-    kw = dict(provider=provider, vocab=vocab, steps=steps, model_dir=model_dir, device=device, timeout=3600)
-    timed = run_isolated("benchmarks.bench_ppo_e2e:side", mmap_threshold=False, **kw)
-    if "error" in timed or device != "cpu":
-        return timed
-    measured = run_isolated("benchmarks.bench_ppo_e2e:side", **kw)
-    return {**timed, "mem_bytes": measured.get("mem_bytes"), "error": measured["error"]} if "error" in measured \
-        else {**timed, "mem_bytes": measured["mem_bytes"]}
-
-
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="more steps")
@@ -147,7 +133,9 @@ def main(argv=None) -> list[dict]:
     for vocab in args.vocab:
         model_dir = os.path.join(tempfile.gettempdir(), f"rlhf_fast_bench_ppo_v{vocab}")
         _models(model_dir, vocab)
-        res = {p: _measure(p, vocab, steps, model_dir, args.device) for p in args.providers}
+        res = {p: run_timed_and_measured("benchmarks.bench_ppo_e2e:side", provider=p, vocab=vocab, steps=steps,
+                                         model_dir=model_dir, device=args.device, timeout=3600)
+               for p in args.providers}
         shape = f"B{BATCH} R{RESPONSE} V{vocab} ep{EPOCHS}"
         for p, r in res.items():
             rows.append(make_row("ppo_e2e", "ppo_step", shape, "float32", p, r, args.device,

@@ -177,6 +177,21 @@ def run_isolated(target: str, timeout: float = 1800, threads: int | None = None,
     return {"error": f"exit {proc.returncode}: {reason}"}
 
 
+def run_timed_and_measured(target: str, device: str = "cpu", **kwargs) -> dict:
+    """One side of an end-to-end comparison, twice on CPU: time from a run with the default allocator
+    (as users run it: freed buffers are reused), memory from a run with MALLOC_MMAP_THRESHOLD_ (freed
+    buffers go back to the OS, so the RSS peak is the program's own; every large tensor is then a fresh
+    mmap, and its page faults cost a training step here ~25%, on both sides). On GPU one run does both.
+    kwargs: run_isolated's (timeout, threads, python) and the side's own."""
+    timed = run_isolated(target, mmap_threshold=False, device=device, **kwargs)
+    if "error" in timed or not str(device).startswith("cpu"):
+        return timed
+    measured = run_isolated(target, device=device, **kwargs)
+    if "error" in measured:
+        return {**timed, "error": f"memory run: {measured['error']}"}
+    return {**timed, "mem_bytes": measured["mem_bytes"]}
+
+
 # ----------------------------------------------------------------------------- output
 def make_row(bench, op, shape, dtype, provider, result: dict, device="cpu", achieved=None, unit="", note="") -> dict:
     v = versions()
