@@ -325,7 +325,10 @@ def describe_fields(cls) -> str:
     """One line per settable key: ``name (type, default X): help``; used by ``rlhf-fast <stage> --help``."""
     lines = []
     hints = config_fields(cls)
-    for f in dataclasses.fields(cls):
+    # The stage's own keys first, then those it shares with other stages through a dataclass base.
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited)
+    for f in ordered:
         if not f.init:
             continue
         if f.default is not dataclasses.MISSING:

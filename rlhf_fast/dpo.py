@@ -53,6 +53,7 @@ from rlhf_fast.models.loading import ensure_pad_token, get_backbone, get_lm_head
 from rlhf_fast.sft import (
     DEMO,
     MetricsWriter,
+    StageTrainingArgs,
     autocast_context,
     check_training_fields,
     resolve_device,
@@ -72,7 +73,7 @@ METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracie
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(StageTrainingArgs):
     """Settings of ``rlhf-fast dpo`` (YAML section ``dpo:``). Names follow TRL's DPOConfig where they exist."""
 
     model_name_or_path: str = field(default="runs/sft", metadata={"help": "Finished SFT stage directory, a hub name, or 'demo' (tiny random Qwen2)."})
@@ -89,29 +90,9 @@ class DPOConfig:
     use_chat_template: bool = field(default=True, metadata={"help": "Format string prompts with the chat template when there is one."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Pairs per micro-batch (2x sequences per forward)."})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Pairs per eval / reference batch."})
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-6
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "linear"
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    seed: int = 42
-    device: str = "auto"
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    attn_implementation: str | None = None
-    logprob_chunk_size: int | None = field(default=None, metadata={"help": "Rows per chunk of the fused log-prob op (None: its default)."})
-    max_nonfinite_steps: int = 3
-    disable_tqdm: bool = False
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="linear", metadata={"help": "Decay after warmup."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup share of the steps (unless warmup_steps > 0)."})
     demo_vocab_size: int = field(default=1024, metadata={"help": "'demo' model: BPE vocabulary size."})
     demo_num_pairs: int = field(default=2000, metadata={"help": "'demo' dataset: pairs to build from the corpus."})
     demo_noisy_labels: bool = field(default=True, metadata={"help": "'demo' dataset: sample labels from the gold judge's sigmoid."})

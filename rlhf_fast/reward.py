@@ -52,6 +52,7 @@ from rlhf_fast.models.reward import (
 from rlhf_fast.sft import (
     DEMO,
     MetricsWriter,
+    StageTrainingArgs,
     autocast_context,
     check_training_fields,
     resolve_device,
@@ -67,7 +68,7 @@ __all__ = [
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(StageTrainingArgs):
     """Settings of ``rlhf-fast rm`` (YAML section ``rm:``)."""
 
     model_name_or_path: str = field(default="runs/sft", metadata={"help": "Finished SFT stage directory (or a hub name)."})
@@ -85,29 +86,7 @@ class RewardConfig:
     center_rewards_coefficient: float | None = field(default=None, metadata={"help": "Weight of mean((r_c + r_r)^2) (TRL); None: off."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per micro-batch."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Pairs per eval batch."})
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.03
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    seed: int = 42
-    device: str = "auto"
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    attn_implementation: str | None = None
-    logprob_chunk_size: int | None = None  # unused by the RM; kept so the shared checks see the same fields
-    max_nonfinite_steps: int = 3
-    disable_tqdm: bool = False
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
     demo_num_pairs: int = field(default=2000, metadata={"help": "'demo' dataset: pairs to build from the corpus."})
     demo_noisy_labels: bool = field(default=True, metadata={"help": "'demo' dataset: sample labels from the gold judge's sigmoid."})
 

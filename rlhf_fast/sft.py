@@ -47,27 +47,17 @@ from rlhf_fast.stage_io import StageDirectory
 
 __all__ = [
     "SFTConfig", "SFTResult", "train_sft", "response_logprobs", "evaluate_sft_loss", "lr_multiplier",
-    "build_optimizer", "build_lr_scheduler", "resolve_device",
+    "build_optimizer", "build_lr_scheduler", "resolve_device", "StageTrainingArgs",
 ]
 
 DEMO = "demo"
 
 
 @dataclass
-class SFTConfig:
-    """Settings of ``rlhf-fast sft`` (YAML section ``sft:``). Names follow TRL / transformers where they exist."""
+class StageTrainingArgs:
+    """Optimizer, schedule and run settings shared by the SFT, reward-model and DPO stages. A stage's
+    config subclasses it and redeclares only the fields whose default differs (e.g. DPO's learning rate)."""
 
-    model_name_or_path: str = field(default=DEMO, metadata={"help": "HF model dir or hub name; 'demo' builds the tiny random Qwen2 + BPE tokenizer."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
-    dataset: str = field(default=DEMO, metadata={"help": ".jsonl/.json/.parquet file or save_to_disk dir; 'demo' = pydoc corpus pairs."})
-    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out file; None: split eval_fraction off the train set."})
-    eval_fraction: float = field(default=0.05, metadata={"help": "Held-out share when eval_dataset is None (not for 'demo')."})
-    output_dir: str = field(default="runs/sft", metadata={"help": "Finished stage directory to write."})
-    max_length: int = field(default=256, metadata={"help": "Max prompt+response tokens."})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "Prompt tokens kept when truncating (default max_length//2)."})
-    use_chat_template: bool = field(default=True, metadata={"help": "Format string prompts with the tokenizer's chat template when it has one."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch."})
-    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per eval batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "Decay after warmup."})
@@ -91,6 +81,23 @@ class SFTConfig:
     logprob_chunk_size: int | None = field(default=None, metadata={"help": "Rows per chunk of the fused log-prob op (None: its default)."})
     max_nonfinite_steps: int = field(default=3, metadata={"help": "Skip up to N steps with a non-finite loss, then stop."})
     disable_tqdm: bool = False
+
+
+@dataclass
+class SFTConfig(StageTrainingArgs):
+    """Settings of ``rlhf-fast sft`` (YAML section ``sft:``). Names follow TRL / transformers where they exist."""
+
+    model_name_or_path: str = field(default=DEMO, metadata={"help": "HF model dir or hub name; 'demo' builds the tiny random Qwen2 + BPE tokenizer."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
+    dataset: str = field(default=DEMO, metadata={"help": ".jsonl/.json/.parquet file or save_to_disk dir; 'demo' = pydoc corpus pairs."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out file; None: split eval_fraction off the train set."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Held-out share when eval_dataset is None (not for 'demo')."})
+    output_dir: str = field(default="runs/sft", metadata={"help": "Finished stage directory to write."})
+    max_length: int = field(default=256, metadata={"help": "Max prompt+response tokens."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Prompt tokens kept when truncating (default max_length//2)."})
+    use_chat_template: bool = field(default=True, metadata={"help": "Format string prompts with the tokenizer's chat template when it has one."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per eval batch."})
     demo_vocab_size: int = field(default=1024, metadata={"help": "'demo' model: BPE vocabulary size."})
     demo_prompt_words: int = field(default=8, metadata={"help": "'demo' dataset: prompt length in words."})
     demo_response_words: int = field(default=30, metadata={"help": "'demo' dataset: response length in words."})
