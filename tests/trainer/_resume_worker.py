@@ -1,6 +1,6 @@
 """Worker for the resume tests: one PPO run per process, weights and metrics written to disk.
 
-    python -m tests.trainer._resume_worker OUT_DIR MODE [--stop-after N] [--strategy ddp|fsdp2]
+    python -m tests.trainer._resume_worker OUT_DIR MODE [--stop-after N] [--strategy ddp|fsdp2] [--estimator grpo]
 MODE: straight (train all steps) | first (stop after --stop-after steps, checkpoints every step) |
 resume (train(resume_from_checkpoint=True)). Under torchrun the process group comes from the env.
 """
@@ -34,14 +34,17 @@ class StopAfter(TrainerCallback):
 
 
 def build(out: Path, strategy: str = "ddp", world_size: int = 1, global_batch: int = 8, total_steps: int = 4,
-          callbacks=None, num_mini_batches: int = 2, reward: str = "callable") -> PPOTrainer:
+          callbacks=None, num_mini_batches: int = 2, reward: str = "callable", estimator: str = "gae") -> PPOTrainer:
+    # gae: adaptive KL and running reward normalisation carry state across a resume. grpo: the batch
+    # counts completions (global_batch of them: global_batch / 4 prompts x 4 generations), fixed KL, raw scores.
+    algo = dict(kl_controller="adaptive", reward_norm=True) if estimator == "gae" else \
+        dict(advantage_estimator=estimator, num_generations=4)
     args = PPOConfig(
         output_dir=str(out), use_cpu=True, bf16=False, per_device_train_batch_size=global_batch // (2 * world_size),
         gradient_accumulation_steps=2, num_mini_batches=num_mini_batches, num_ppo_epochs=2, total_episodes=global_batch * total_steps,
         response_length=6, learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=1,
-        report_to="none", num_sample_generations=0, kl_coef=0.05, kl_controller="adaptive", temperature=1.0,
-        disable_tqdm=True, gradient_checkpointing=False, seed=11, distributed_strategy=strategy,
-        reward_norm=True,
+        report_to="none", num_sample_generations=0, kl_coef=0.05, temperature=1.0,
+        disable_tqdm=True, gradient_checkpointing=False, seed=11, distributed_strategy=strategy, **algo,
     )
     reward_fn = count_token_reward("t5") if reward == "callable" else tiny_classifier(V, layers=2)
     return PPOTrainer(args, make_tokenizer(V), tiny_policy(V, layers=2), None, reward_fn,
@@ -62,13 +65,14 @@ def main(argv=None):
     ap.add_argument("--mini", type=int, default=2, help="num_mini_batches")
     ap.add_argument("--reward", choices=["callable", "model"], default="callable",
                     help="a Python callable or a sequence-classification reward model")
+    ap.add_argument("--estimator", default="gae", help="advantage_estimator (grpo: 4 generations per prompt)")
     a = ap.parse_args(argv)
     init_from_env()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     out = Path(a.out)
     cbs = [StopAfter(a.stop_after)] if a.mode == "first" else None
     tr = build(out / "run", a.strategy, world, a.global_batch, callbacks=cbs, num_mini_batches=a.mini,
-               reward=a.reward)
+               reward=a.reward, estimator=a.estimator)
     tr.train(resume_from_checkpoint=True if a.mode == "resume" else None)
     from rlhf_fast.trainer.distributed import full_trainable_state
 

@@ -5,22 +5,17 @@ tests, which need a fresh process (torchrun) per run.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 import rlhf_fast.trainer.ppo as ppo_mod
 from rlhf_fast.estimators import grpo_advantages, reinforce_pp_advantages, rloo_advantages
 from rlhf_fast.ops.kl import kl_penalty, token_rewards
 from rlhf_fast.trainer import PPOConfig, PPOTrainer
 from rlhf_fast.trainer.ppo import group_indices, group_reward_stats
+from tests.trainer.test_checkpoint import load, run_worker
 from tests.trainer.tiny import count_token_reward, make_tokenizer, prompt_rows, tiny_classifier, tiny_policy
 
 V = 32
@@ -264,15 +259,12 @@ def test_on_policy_update_skips_the_rollout_policy_forward(monkeypatch, tmp_path
 
 
 # ----------------------------------------------------------------------------- DDP and resume (subprocesses)
+GRPO_RUN = ["--estimator", "grpo", "--mini", "1"]  # 2 epochs, so old log-probs come from the rollout
+
+
 def _run(out, mode, *extra, nproc=1):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    mod = ["-m", "tests.trainer.test_group_estimators", str(out), mode, *extra]
-    cmd = [sys.executable, *mod] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *mod]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out / f"weights_{mode}.pt"), json.loads((out / f"history_{mode}.json").read_text())
+    run_worker(out, mode, *GRPO_RUN, *extra, nproc=nproc)
+    return load(out, mode)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -290,48 +282,3 @@ def test_grpo_ddp_matches_one_process_and_resumes_bit_identically(tmp_path):
     for k in w1:
         assert torch.equal(w1[k], w3[k]), k
     assert h1 == h3
-
-
-class _StopAfter(TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step >= 2:
-            control.should_training_stop = True
-        return control
-
-
-def _worker(argv=None) -> int:
-    from rlhf_fast.trainer.distributed import full_trainable_state, init_from_env
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("mode", choices=["straight", "first", "resume"])
-    a = ap.parse_args(argv)
-    init_from_env()
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    out = Path(a.out)
-    # 8 completions per step = 2 prompts x 4 generations; 2 epochs so old log-probs come from the rollout.
-    args = PPOConfig(output_dir=str(out / "run"), use_cpu=True, bf16=False, per_device_train_batch_size=4 // world,
-                     gradient_accumulation_steps=2, num_mini_batches=1, num_ppo_epochs=2, total_episodes=32,
-                     response_length=6, learning_rate=5e-3, logging_steps=1, save_strategy="steps", save_steps=1,
-                     report_to="none", num_sample_generations=0, kl_coef=0.05, temperature=1.0, disable_tqdm=True,
-                     gradient_checkpointing=False, seed=11, advantage_estimator="grpo", num_generations=4)
-    tr = PPOTrainer(args, make_tokenizer(V), tiny_policy(V, layers=2), None, count_token_reward("t5"),
-                    prompt_rows(32, V), callbacks=[_StopAfter()] if a.mode == "first" else None)
-    tr.train(resume_from_checkpoint=True if a.mode == "resume" else None)
-    weights = full_trainable_state(tr)
-    if tr.is_main:
-        torch.save(weights, out / f"weights_{a.mode}.pt")
-        hist = [{k: v for k, v in h.items() if not k.startswith(("eps", "time/", "tokens_per_second"))}
-                for h in tr.state.log_history]
-        (out / f"history_{a.mode}.json").write_text(json.dumps(hist))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    code = _worker()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

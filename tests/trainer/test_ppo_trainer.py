@@ -222,7 +222,7 @@ def test_first_update_reusing_the_rollout_forward_changes_nothing_but_the_work(t
                         value_model=tiny_classifier(V) if critic == "separate" else None)
         tr.reuse_rollout_forward = reuse
         calls = []
-        tr.ddp_model.register_forward_pre_hook(lambda *_: calls.append(1))
+        tr.ddp_model.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         tr.train()
         weights = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
         results.append((weights, tr.state.log_history, len(calls)))
@@ -239,6 +239,6 @@ def test_first_update_reusing_the_rollout_forward_changes_nothing_but_the_work(t
 def test_first_update_reuse_needs_one_micro_batch_of_the_whole_batch(tmp_path):
     tr = trainer(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=1)
     calls = []
-    tr.ddp_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    tr.ddp_model.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
     tr.train()
     assert len(calls) == 2 * (1 + 2)  # 2 steps: a rollout pass + 2 micro-batches each
