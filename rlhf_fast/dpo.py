@@ -46,10 +46,10 @@ from rlhf_fast.data import (
     collate_sft,
     length_grouped_batches,
     load_preference_rows,
-    split_rows,
     tokenize_sft_rows,
 )
-from rlhf_fast.models.loading import ensure_pad_token, get_backbone, get_lm_head
+from rlhf_fast.models.loading import get_backbone, get_lm_head
+from rlhf_fast.reward import preference_rows
 from rlhf_fast.sft import (
     DEMO,
     MetricsWriter,
@@ -60,6 +60,7 @@ from rlhf_fast.sft import (
     response_logprobs,
     run_training_loop,
     set_activation_checkpointing,
+    with_stage_tokenizer,
 )
 from rlhf_fast.stage_io import StageDirectory, StageNotFinishedError, require_finished_stage
 
@@ -294,27 +295,6 @@ def _load_causal_lm_dir(name: str, what: str, allow_unmarked: bool, attn_impleme
         ) from e
 
 
-def _dpo_rows(cfg: DPOConfig, train_dataset, eval_dataset) -> tuple[Rows, Rows]:
-    if train_dataset is None and cfg.dataset == DEMO:
-        from rlhf_fast.demo_data import demo_corpus, synthetic_preference_rows
-
-        split = demo_corpus()
-        n_eval = max(1, round(cfg.demo_num_pairs * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
-        train = synthetic_preference_rows(split.train, cfg.demo_num_pairs - n_eval, seed=cfg.seed,
-                                          noisy=cfg.demo_noisy_labels)
-        ev = synthetic_preference_rows(split.heldout, n_eval, seed=cfg.seed + 1, noisy=False) if n_eval else []
-        return (load_dpo_rows(train, name="demo preference pairs"),
-                load_dpo_rows(ev, name="demo held-out pairs") if ev else Rows([], [], "none"))
-    train = load_dpo_rows(train_dataset if train_dataset is not None else cfg.dataset, name="dataset")
-    if eval_dataset is None and cfg.eval_dataset is not None:
-        eval_dataset = cfg.eval_dataset
-    if eval_dataset is not None:
-        return train, load_dpo_rows(eval_dataset, name="eval_dataset")
-    if cfg.eval_fraction > 0 and len(train.rows) >= 2:
-        return split_rows(train, cfg.eval_fraction, cfg.seed)
-    return train, Rows([], [], "none")
-
-
 # --------------------------------------------------------------------------- trainer
 class DPOTrainer:
     """The DPO stage: ``DPOTrainer(cfg, ...).train()`` -> DPOResult (``train_dpo`` does exactly that).
@@ -334,7 +314,7 @@ class DPOTrainer:
         self.device = resolve_device(cfg.device)
         self.stage_dir = StageDirectory(cfg.output_dir, stage="dpo")  # fails now, not after training
         torch.manual_seed(cfg.seed)
-        self.train_rows, self.eval_rows = _dpo_rows(cfg, train_dataset, eval_dataset)
+        self.train_rows, self.eval_rows = preference_rows(cfg, train_dataset, eval_dataset, load=load_dpo_rows)
         self.model, self.tokenizer = self._load_policy(model, tokenizer)
         tok_kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                       use_chat_template=cfg.use_chat_template)
@@ -359,16 +339,7 @@ class DPOTrainer:
             else:
                 model = _load_causal_lm_dir(cfg.model_name_or_path, "dpo model_name_or_path",
                                             cfg.allow_unmarked_model_dir, cfg.attn_implementation)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            source = cfg.tokenizer_name_or_path or (cfg.model_name_or_path if cfg.model_name_or_path != DEMO else None)
-            if source is None:
-                raise ValueError("a model passed in memory needs tokenizer= (or tokenizer_name_or_path in the config)")
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        ensure_pad_token(tokenizer)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        return model, tokenizer
+        return with_stage_tokenizer(cfg, model, tokenizer)
 
     def precompute_reference_logps(self) -> None:
         """Fill ``ref_train`` / ``ref_eval`` (fp32 [P] pairs on the device), then drop any reference model."""

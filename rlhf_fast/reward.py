@@ -226,7 +226,10 @@ def load_reward_model(model_name_or_path: str, tokenizer=None, allow_unmarked_mo
     return model, tokenizer
 
 
-def _preference_rows(cfg: RewardConfig, train_dataset, eval_dataset) -> tuple[Rows, Rows]:
+def preference_rows(cfg, train_dataset, eval_dataset, load=load_preference_rows) -> tuple[Rows, Rows]:
+    """Train and held-out preference rows of a stage (RM or DPO): the embedded demo pairs, or ``load``
+    (the stage's row loader) over the given datasets / config paths, splitting eval_fraction off when
+    no held-out set is given."""
     if train_dataset is None and cfg.dataset == DEMO:
         from rlhf_fast.demo_data import demo_corpus, synthetic_preference_rows
 
@@ -237,13 +240,13 @@ def _preference_rows(cfg: RewardConfig, train_dataset, eval_dataset) -> tuple[Ro
         # Held-out pairs come from held-out paragraphs and carry noiseless labels: accuracy then
         # measures agreement with the gold judge itself.
         ev = synthetic_preference_rows(split.heldout, n_eval, seed=cfg.seed + 1, noisy=False) if n_eval else []
-        return (load_preference_rows(train, name="demo preference pairs"),
-                load_preference_rows(ev, name="demo held-out pairs") if ev else Rows([], [], "none"))
-    train = load_preference_rows(train_dataset if train_dataset is not None else cfg.dataset, name="dataset")
+        return (load(train, name="demo preference pairs"),
+                load(ev, name="demo held-out pairs") if ev else Rows([], [], "none"))
+    train = load(train_dataset if train_dataset is not None else cfg.dataset, name="dataset")
     if eval_dataset is None and cfg.eval_dataset is not None:
         eval_dataset = cfg.eval_dataset
     if eval_dataset is not None:
-        return train, load_preference_rows(eval_dataset, name="eval_dataset")
+        return train, load(eval_dataset, name="eval_dataset")
     if cfg.eval_fraction > 0 and len(train.rows) >= 2:
         return split_rows(train, cfg.eval_fraction, cfg.seed)
     return train, Rows([], [], "none")
@@ -279,7 +282,7 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
         model.config.pad_token_id = tokenizer.pad_token_id
     # The stage's pooling is part of the model: written into config.json, read back by ModelReward.
     setattr(model.config, POOLING_CONFIG_KEY, cfg.pooling)
-    train_rows, eval_rows = _preference_rows(cfg, train_dataset, eval_dataset)
+    train_rows, eval_rows = preference_rows(cfg, train_dataset, eval_dataset)
     tok_kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                   use_chat_template=cfg.use_chat_template)
     train_ex = tokenize_preference_rows(train_rows, tokenizer, **tok_kw)

@@ -47,7 +47,7 @@ from rlhf_fast.stage_io import StageDirectory
 
 __all__ = [
     "SFTConfig", "SFTResult", "train_sft", "response_logprobs", "evaluate_sft_loss", "lr_multiplier",
-    "build_optimizer", "build_lr_scheduler", "resolve_device", "StageTrainingArgs",
+    "build_optimizer", "build_lr_scheduler", "resolve_device", "StageTrainingArgs", "with_stage_tokenizer",
 ]
 
 DEMO = "demo"
@@ -385,6 +385,21 @@ def evaluate_sft_loss(model: nn.Module, examples: list[SFTExample], pad_id: int,
     return {"loss": (total / max(tokens, 1)).item(), "tokens": tokens}
 
 
+def with_stage_tokenizer(cfg, model, tokenizer):
+    """(model, tokenizer) for a stage: the tokenizer given, else ``tokenizer_name_or_path``, else the
+    model directory's; given a pad token (from EOS when missing) that the model's config shares."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        source = cfg.tokenizer_name_or_path or (cfg.model_name_or_path if cfg.model_name_or_path != DEMO else None)
+        if source is None:
+            raise ValueError("a model passed in memory needs tokenizer= (or tokenizer_name_or_path in the config)")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    ensure_pad_token(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def _load_model_and_tokenizer(cfg: SFTConfig, model, tokenizer, demo_split):
     if model is None:
         if cfg.model_name_or_path == DEMO:
@@ -398,16 +413,7 @@ def _load_model_and_tokenizer(cfg: SFTConfig, model, tokenizer, demo_split):
 
             model = load_causal_lm(cfg.model_name_or_path, dtype=torch.float32,
                                    attn_implementation=cfg.attn_implementation)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        source = cfg.tokenizer_name_or_path or (cfg.model_name_or_path if cfg.model_name_or_path != DEMO else None)
-        if source is None:
-            raise ValueError("a model passed in memory needs tokenizer= (or tokenizer_name_or_path in the config)")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    ensure_pad_token(tokenizer)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return with_stage_tokenizer(cfg, model, tokenizer)
 
 
 def _sft_rows(cfg: SFTConfig, train_dataset, eval_dataset, demo_split) -> tuple[Rows, Rows]:
