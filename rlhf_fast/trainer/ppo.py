@@ -557,6 +557,9 @@ class PPOTrainer:
         # When the first update is one micro-batch of the whole batch, its forward doubles as the rollout
         # forward (see _first_update_reuses_rollout_forward); False always runs the separate no-grad pass.
         self.reuse_rollout_forward = True
+        self._dropout_free = not any((isinstance(m, nn.Dropout) and m.p > 0)
+                                     or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0
+                                     for m in self.model.modules())
         self._completions_rows: list[dict] = []
 
     # ------------------------------------------------------------------ setup helpers
@@ -969,8 +972,7 @@ class PPOTrainer:
         B = rollout.responses.shape[0]
         if a.per_device_train_batch_size < B or a.local_rollout_forward_batch_size < B:
             return False
-        return not any((isinstance(m, nn.Dropout) and m.p > 0)
-                       or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0 for m in self.model.modules())
+        return self._dropout_free  # the model's dropout is fixed at construction: checked once there
 
     def _forward_with_grad(self, rollout: Rollout, prompt_mask: torch.Tensor, ref_logprobs):
         """The first update's forward over the whole batch (rows in order), with its graph kept.
