@@ -7,14 +7,26 @@ new algorithm is one decorated function, with no edit to the trainer:
     def grpo_advantages(scores, group_index, mask, ...): ...
 
 Conventions per registry (what an entry must accept):
-- advantage estimators: their own keyword arguments (GAE needs values, GRPO needs groups); each
-  returns advantages (and returns, when the estimator has them) as fp32 [B, T] tensors. "gae" is
-  rlhf_fast.ops.gae.gae -> GAEOutput(advantages, returns).
+- advantage estimators: each is registered with an ``EstimatorSpec`` that declares what it needs, so
+  the trainer never branches on an estimator's name. The spec fixes the call:
+    needs_critic (GAE-like):       fn(rewards [B, T], values [B, T], mask [B, T], gamma, lam)
+                                   -> (advantages [B, T], returns [B, T]); the trainer applies its
+                                   whiten_rewards / whiten_advantages options around it;
+    level="token", no critic:      fn(rewards [B, T], mask [B, T], gamma=, group=) -> advantages [B, T];
+    level="sequence":              fn(scores [B], num_generations, **config kwargs) -> advantages [B],
+                                   broadcast by the trainer over each row's valid response tokens.
+  kl_in_reward=True puts -kl_coef x kl (the config's kl_estimator) into the token rewards;
+  kl_in_reward=False keeps the rewards pure and adds kl_coef x ``kl_loss_estimator`` per token to the
+  loss (TRL GRPO's beta term). Estimators without a critic sample ``num_generations`` responses per
+  prompt (contiguous rows), at least ``min_generations``. ``config_kwargs`` maps keyword arguments of
+  fn to PPOConfig fields (grpo: scale_by_std <- scale_rewards). All fp32.
 - policy losses: the signature of rlhf_fast.ops.ppo_loss.ppo_policy_loss (logprobs, old_logprobs,
   advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, norm_length,
-  backend) -> (loss, stats). "ppo" is the vanilla clipped loss; its dual clip is the dual_clip argument.
+  backend) -> (loss, stats), stats with approx_kl, clipfrac, ratio_mean. "ppo" is the vanilla clipped
+  loss; its dual clip is the dual_clip argument. The trainer looks it up by PPOConfig.policy_loss.
 - KL estimators: (logprobs, ref_logprobs, clamp=10.0, backend=None) -> per-token fp32 estimate;
-  "k1", "k2", "k3", "abs" are rlhf_fast.ops.kl.kl_penalty with that estimator.
+  "k1", "k2", "k3", "abs" are rlhf_fast.ops.kl.kl_penalty with that estimator. The trainer looks them
+  up by PPOConfig.kl_estimator (and an estimator spec's kl_loss_estimator).
 
 Built-in entries are registered as "module:attribute" paths and imported on first ``get_*``, so
 importing this module never depends on the import order of the ops.
@@ -23,9 +35,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import NamedTuple
 
 __all__ = [
-    "Registry",
+    "Registry", "EstimatorSpec", "get_estimator_spec",
     "get_advantage_estimator", "get_kl_estimator", "get_policy_loss",
     "list_advantage_estimators", "list_kl_estimators", "list_policy_losses",
     "register_advantage_estimator", "register_kl_estimator", "register_policy_loss",
@@ -73,14 +86,44 @@ class Registry:
         return name in self._entries
 
 
+class EstimatorSpec(NamedTuple):
+    """What an advantage estimator needs from the trainer (see the module docstring for the calls)."""
+
+    needs_critic: bool = False
+    level: str = "token"  # "token": advantages [B, T]; "sequence": one per sequence [B]
+    kl_in_reward: bool = True
+    kl_loss_estimator: str = "k3"  # used when kl_in_reward is False
+    min_generations: int = 1
+    config_kwargs: tuple[tuple[str, str], ...] = ()  # (keyword of fn, PPOConfig field)
+
+
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+ESTIMATOR_SPECS: dict[str, EstimatorSpec] = {}
 POLICY_LOSSES = Registry("policy loss")
 KL_ESTIMATORS = Registry("KL estimator")
 
 
-def register_advantage_estimator(name: str, *, overwrite: bool = False):
-    """Decorator: ``@register_advantage_estimator("grpo")``."""
-    return ADVANTAGE_ESTIMATORS.register(name, overwrite=overwrite)
+def register_advantage_estimator(name: str, fn: Callable | str | None = None, *, overwrite: bool = False,
+                                 spec: EstimatorSpec | None = None, **spec_fields):
+    """Decorator: ``@register_advantage_estimator("grpo", level="sequence", kl_in_reward=False)``.
+
+    ``spec`` (or its fields as keywords) declares what the estimator needs; the default is a token-level,
+    critic-free estimator with the KL in the rewards. ``fn`` registers directly (a callable or a
+    "module:attribute" path) instead of decorating."""
+    if spec is not None and spec_fields:
+        raise TypeError("pass either spec= or its fields as keywords, not both")
+    spec = spec if spec is not None else EstimatorSpec(**spec_fields)
+    if spec.level not in ("token", "sequence"):
+        raise ValueError(f"estimator {name!r}: level must be 'token' or 'sequence', got {spec.level!r}")
+    if spec.needs_critic and spec.level != "token":
+        raise ValueError(f"estimator {name!r}: an estimator with a critic is token-level (values are per token)")
+
+    def add(target):
+        ADVANTAGE_ESTIMATORS.register(name, target, overwrite=overwrite)
+        ESTIMATOR_SPECS[name] = spec
+        return target
+
+    return add if fn is None else add(fn)
 
 
 def register_policy_loss(name: str, *, overwrite: bool = False):
@@ -95,6 +138,13 @@ def register_kl_estimator(name: str, *, overwrite: bool = False):
 
 def get_advantage_estimator(name: str) -> Callable:
     return ADVANTAGE_ESTIMATORS.get(name)
+
+
+def get_estimator_spec(name: str) -> EstimatorSpec:
+    """The EstimatorSpec of a registered advantage estimator; ValueError listing the valid names otherwise."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        ADVANTAGE_ESTIMATORS.get(name)  # raises the error naming the valid estimators
+    return ESTIMATOR_SPECS.get(name, EstimatorSpec())
 
 
 def get_policy_loss(name: str) -> Callable:
@@ -118,11 +168,14 @@ def list_kl_estimators() -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- built-in entries
-ADVANTAGE_ESTIMATORS.register("gae", "rlhf_fast.ops.gae:gae")
-# Critic-free estimators (issue 10): sequence-level ones return [B], reinforce_pp returns [B, T].
-ADVANTAGE_ESTIMATORS.register("grpo", "rlhf_fast.estimators:grpo_advantages")
-ADVANTAGE_ESTIMATORS.register("rloo", "rlhf_fast.estimators:rloo_advantages")
-ADVANTAGE_ESTIMATORS.register("reinforce_pp", "rlhf_fast.estimators:reinforce_pp_advantages")
+register_advantage_estimator("gae", "rlhf_fast.ops.gae:gae", needs_critic=True)
+# Critic-free: grpo/rloo give one advantage per sequence and keep the KL out of the rewards (a beta x k3
+# loss term, as TRL's GRPO); reinforce_pp shapes token rewards with the KL and whitens the returns itself.
+register_advantage_estimator("grpo", "rlhf_fast.estimators:grpo_advantages", level="sequence", kl_in_reward=False,
+                             config_kwargs=(("scale_by_std", "scale_rewards"),))
+register_advantage_estimator("rloo", "rlhf_fast.estimators:rloo_advantages", level="sequence", kl_in_reward=False,
+                             min_generations=2)
+register_advantage_estimator("reinforce_pp", "rlhf_fast.estimators:reinforce_pp_advantages")
 POLICY_LOSSES.register("ppo", "rlhf_fast.ops.ppo_loss:ppo_policy_loss")
 
 

@@ -1,21 +1,27 @@
-"""The PPO loop: rollout (lean KV-cache decode), the drop-in PPOConfig/PPOTrainer, checkpoints, logging."""
-from rlhf_fast.trainer.ppo import (
+"""The PPO loop: the step as plain functions (ppo_step), the drop-in PPOConfig/PPOTrainer, prompt batching,
+controllers, rollout (lean KV-cache decode), checkpoints, distributed plumbing and logging."""
+from rlhf_fast.trainer.batching import PromptSampler, group_indices, left_pad, prompt_token_lists
+from rlhf_fast.trainer.controllers import KLController, RunningMoments
+from rlhf_fast.trainer.logging import StepStats, group_reward_stats, step_metrics
+from rlhf_fast.trainer.ppo import NonFiniteError, PPOTrainer
+from rlhf_fast.trainer.ppo_config import PPOConfig
+from rlhf_fast.trainer.ppo_step import (
     Advantages,
-    KLController,
-    PPOTrainer,
-    PromptSampler,
     RolloutForward,
     compute_advantages,
+    compute_group_advantages,
     generate_rollout,
-    left_pad,
+    micro_step,
+    ppo_update,
     rollout_forward,
     score_rollout,
+    trim_batch,
 )
-from rlhf_fast.trainer.ppo_config import PPOConfig
 from rlhf_fast.trainer.rollout import Rollout, generate, sample_from_logits
 
 __all__ = [
-    "Advantages", "KLController", "PPOConfig", "PPOTrainer", "PromptSampler", "Rollout", "RolloutForward",
-    "compute_advantages", "generate", "generate_rollout", "left_pad", "rollout_forward", "sample_from_logits",
-    "score_rollout",
+    "Advantages", "KLController", "NonFiniteError", "PPOConfig", "PPOTrainer", "PromptSampler", "Rollout",
+    "RolloutForward", "RunningMoments", "StepStats", "compute_advantages", "compute_group_advantages", "generate",
+    "generate_rollout", "group_indices", "group_reward_stats", "left_pad", "micro_step", "ppo_update",
+    "prompt_token_lists", "rollout_forward", "sample_from_logits", "score_rollout", "step_metrics", "trim_batch",
 ]

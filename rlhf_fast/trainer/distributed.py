@@ -17,6 +17,26 @@ from torch import nn
 STRATEGIES = ("ddp", "fsdp2")
 
 
+def dist_ready(group=None) -> bool:
+    """True when a process group is initialised (torchrun); every reduction below is a no-op otherwise."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the default group, (0, 1) without one."""
+    if dist_ready():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over ranks (a no-op without a process group). Returns a new tensor."""
+    t = t.clone()
+    if dist_ready(group):
+        torch.distributed.all_reduce(t, group=group)
+    return t
+
+
 def init_from_env(backend: str | None = None) -> bool:
     """Initialise the default process group when launched by torchrun (RANK/WORLD_SIZE set).
 

@@ -1,11 +1,16 @@
-"""Metrics sinks for the trainers: stdout (through tqdm so bars stay intact), JSONL in output_dir,
-TensorBoard when installed and asked for, wandb when asked for."""
+"""Metrics for the trainers: the sinks (stdout through tqdm so bars stay intact, JSONL in output_dir,
+TensorBoard and wandb when installed and asked for) and the assembly of one PPO step's metrics under
+TRL's names and formulas (``StepStats``, ``step_metrics``, ``group_reward_stats``)."""
 from __future__ import annotations
 
 import json
 import math
 import warnings
 from pathlib import Path
+
+import torch
+
+from rlhf_fast.trainer.distributed import all_reduce_sum
 
 
 def _reporters(report_to) -> set[str]:
@@ -97,3 +102,80 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+# =============================================================================== PPO step metrics
+class StepStats:
+    """Per-micro-batch training statistics of one PPO step, kept on device (no host sync until logging)."""
+
+    KEYS = ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio", "kl")
+
+    def __init__(self):
+        for key in self.KEYS:
+            setattr(self, key, [])
+
+    @classmethod
+    def empty(cls) -> StepStats:
+        return cls()
+
+    def add(self, micro: dict) -> None:
+        """Append one micro-batch's 0-d tensors (keys from KEYS)."""
+        for key, value in micro.items():
+            getattr(self, key).append(value)
+
+    def means(self) -> dict[str, float]:
+        """TRL's update metrics: the mean over micro-batches of each statistic."""
+        def m(xs):
+            return float(torch.stack(xs).mean()) if xs else float("nan")
+
+        ratios = torch.stack(self.ratio) if self.ratio else torch.zeros(1)
+        out = {
+            "policy/approxkl_avg": m(self.approxkl), "policy/clipfrac_avg": m(self.clipfrac),
+            "loss/policy_avg": m(self.pg_loss), "loss/value_avg": m(self.vf_loss),
+            "val/clipfrac_avg": m(self.vf_clipfrac), "policy/entropy_avg": m(self.entropy),
+            "val/ratio": m(self.ratio), "val/ratio_var": float(ratios.var()) if ratios.numel() > 1 else 0.0,
+        }
+        if self.pg_loss and not self.vf_loss:  # no critic: no value metrics rather than NaNs
+            del out["loss/value_avg"], out["val/clipfrac_avg"]
+        if self.kl:
+            out["kl"] = m(self.kl)
+        return out
+
+
+def step_metrics(stats: StepStats, *, batch_size: int, kl_sum, neg_logprob_sum, kl_coef: float, raw_scores,
+                 responses, response_tokens, eos_token_id: int | None, group_scores=None, num_generations: int = 1,
+                 group=None) -> dict:
+    """One PPO step's metrics under TRL 1.12's names and formulas, summed over every rank.
+
+    kl_sum / neg_logprob_sum: 0-d sums over this rank's valid response tokens of the per-token KL and of
+    -log-prob of the sampling policy; raw_scores fp32 [B]; responses (the response mask) [B, R];
+    response_tokens int64 [B, R]. ``objective/*`` are means over the global batch of per-sequence sums
+    (``objective/kl`` = mean summed KL). group_scores [B] (critic-free estimators) adds TRL GRPO's
+    reward_std and frac_reward_zero_std."""
+    sums = all_reduce_sum(torch.stack([kl_sum.float().reshape(()), neg_logprob_sum.float().reshape(()),
+                                       raw_scores.float().sum()]), group)
+    eos = all_reduce_sum((response_tokens == eos_token_id).sum().reshape(1), group)[0] \
+        if eos_token_id is not None else 0
+    mean_kl = float(sums[0]) / batch_size
+    metrics = {
+        "objective/kl": mean_kl,
+        "objective/entropy": float(sums[1]) / batch_size,
+        "objective/non_score_reward": -kl_coef * float(sums[0]) / batch_size,
+        "objective/scores": float(sums[2]) / batch_size,
+    }
+    metrics["objective/rlhf_reward"] = metrics["objective/non_score_reward"] + metrics["objective/scores"]
+    if group_scores is not None:
+        metrics.update(group_reward_stats(group_scores, num_generations, group))
+    metrics.update(stats.means())
+    metrics["val/num_eos_tokens"] = int(eos)
+    return metrics
+
+
+def group_reward_stats(scores: torch.Tensor, num_generations: int, group=None) -> dict[str, float]:
+    """TRL GRPO's ``reward_std`` (mean over groups of the within-group std, unbiased) and
+    ``frac_reward_zero_std`` (share of groups whose scores are all equal), over every rank. scores [B]."""
+    grouped = scores.detach().float().reshape(-1, num_generations)
+    std = grouped.std(dim=1, unbiased=True) if num_generations > 1 else torch.zeros(grouped.shape[0])
+    zero = (grouped.max(dim=1).values - grouped.min(dim=1).values) == 0
+    tot = all_reduce_sum(torch.stack([std.sum(), zero.float().sum(), torch.tensor(float(grouped.shape[0]))]))
+    return {"reward_std": float(tot[0] / tot[2]), "frac_reward_zero_std": float(tot[1] / tot[2])}

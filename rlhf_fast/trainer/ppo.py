@@ -1,20 +1,14 @@
-"""PPO for RLHF, top to bottom: rollout -> score -> advantages -> clipped updates.
+"""PPOTrainer: the drop-in for TRL 1.12's ``trl.experimental.ppo.PPOTrainer``, on rlhf_fast's kernels.
 
-``PPOTrainer`` is a drop-in for TRL 1.12's ``trl.experimental.ppo.PPOTrainer``: same constructor,
-``train()``, ``save_model()``, ``generate_completions()``, ``state.log_history``, TrainerCallbacks and
-metric names/formulas. Underneath, the step is a composition of plain functions that users writing
-their own loop can call directly:
-
-    rollout = generate_rollout(model, prompt_ids, prompt_mask, ...)            # lean KV-cache decode
-    scores  = score_rollout(reward, tokenizer, rollout, ...)                   # reward model / callable
-    fwd     = rollout_forward(model, rollout, ...)                             # old log-probs, values, ref
-    adv     = compute_advantages(fwd, scores, kl_coef, ...)                    # KL-shaped rewards, GAE, whitening
-    stats   = ppo_update(model, optimizer, batch, adv, ...)                    # epochs x minibatches x micro-batches
+Same constructor, ``train()``, ``save_model()``, ``generate_completions()``, ``state.log_history``,
+TrainerCallbacks and metric names/formulas. ``step()`` is the PPO step of ``rlhf_fast.trainer.ppo_step``
+called in order (prompts -> rollout -> score -> rollout forward -> advantages -> update -> metrics);
+this module holds only what a trainer adds around those functions: model and batch set-up, the
+optimizer, callbacks and state, checkpoints, SIGTERM handling and logging.
 
 Critic-free estimators (``advantage_estimator`` = "grpo" | "rloo" | "reinforce_pp", TRL-GRPO style):
-``num_generations`` responses per prompt, contiguous rows per group, no value model, advantages from
-the ``rlhf_fast.algos`` registry (``compute_group_advantages``); for grpo/rloo the KL to the reference
-is a loss term ``kl_coef`` x k3 per token, for reinforce_pp it stays in the token rewards.
+``num_generations`` responses per prompt, contiguous rows per group, no value model; what each
+estimator needs comes from its ``rlhf_fast.algos.EstimatorSpec``.
 
 Everything runs on torch.distributed when a process group is initialised (torchrun): prompts are
 sharded by rank, whitening statistics and token counts are global, gradients are averaged by DDP.
@@ -27,199 +21,19 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from rlhf_fast.algos import get_advantage_estimator
 from rlhf_fast.models import PolicyValueModel, ensure_pad_token, make_reward
-from rlhf_fast.ops.gae import gae
-from rlhf_fast.ops.kl import kl_penalty, token_rewards
-from rlhf_fast.ops.ppo_loss import aggregate_loss, ppo_policy_loss, value_loss
-from rlhf_fast.ops.whiten import masked_whiten
-from rlhf_fast.trainer.logging import MetricsLogger
+from rlhf_fast.trainer import ppo_step
+from rlhf_fast.trainer.batching import PromptSampler, group_indices, left_pad, prompt_token_lists
+from rlhf_fast.trainer.controllers import KLController, RunningMoments
+from rlhf_fast.trainer.distributed import all_reduce_sum, rank_and_world_size
+from rlhf_fast.trainer.logging import MetricsLogger, step_metrics
 from rlhf_fast.trainer.ppo_config import PPOConfig
-from rlhf_fast.trainer.rollout import Rollout, generate, prompt_seeds
-
-INVALID = -100
-
-
-# =============================================================================== data
-def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists. Returns (input_ids int64 [B, P], attention_mask int64 [B, P])."""
-    P = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), P), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), P), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if len(s):
-            ids[i, P - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, P - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def prompt_token_lists(dataset, tokenizer) -> list[list[int]]:
-    """Token ids of every prompt: rows with ``input_ids`` (TRL's format) or a ``prompt`` string column."""
-    if dataset is None:
-        raise ValueError("train_dataset is required")
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("train_dataset is empty: it needs at least one prompt")
-    columns = set(getattr(dataset, "column_names", None) or (dataset[0].keys() if isinstance(dataset[0], dict) else []))
-    if "input_ids" in columns:
-        out = [list(map(int, dataset[i]["input_ids"])) for i in range(n)]
-    elif "prompt" in columns:
-        texts = [dataset[i]["prompt"] for i in range(n)]
-        out = tokenizer(texts)["input_ids"]  # as TRL's scripts tokenize prompts (special tokens included)
-    else:
-        raise ValueError(
-            f"train_dataset rows need an 'input_ids' column (tokenized prompts, as TRL expects) or a 'prompt' "
-            f"text column; found columns {sorted(columns)}"
-        )
-    for i, ids in enumerate(out):
-        if len(ids) == 0:
-            raise ValueError(f"train_dataset row {i} has an empty prompt")
-    return out
-
-
-class PromptSampler:
-    """Deterministic shuffled batches of prompt indices, sharded by rank, resumable.
-
-    Epoch e uses the permutation of a generator seeded with (seed, e); the global batch of
-    ``batch_size`` indices is split into world_size contiguous shards. state_dict() = (epoch, position).
-    """
-
-    def __init__(self, num_prompts: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if batch_size > num_prompts:
-            raise ValueError(
-                f"the global batch ({batch_size} prompts = per_device_train_batch_size x gradient_accumulation_steps "
-                f"x world size) is larger than train_dataset ({num_prompts} prompts)"
-            )
-        self.n, self.batch_size, self.seed = num_prompts, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.position = 0, 0
-        self._perm = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
-
-    def next_batch(self) -> tuple[torch.Tensor, int]:
-        """(this rank's prompt indices int64 [batch_size // world_size], epoch). Drops ragged tails."""
-        if self.position + self.batch_size > self.n:
-            self.epoch += 1
-            self.position = 0
-            self._perm = self._permutation(self.epoch)
-        glob = self._perm[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        local = self.batch_size // self.world_size
-        return glob[self.rank * local:(self.rank + 1) * local], self.epoch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": self.n,
-                "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "n", "batch_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"checkpoint data position was saved with {key}={state[key]}, this run has "
-                                 f"{key}={getattr(self, key)}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._perm = self._permutation(self.epoch)
-
-
-# =============================================================================== KL control
-class KLController:
-    """Fixed or adaptive (Ziegler et al. 2019) KL coefficient; ``update`` takes the batch's mean summed KL."""
-
-    def __init__(self, kind: str, init: float, target: float = 6.0, horizon: int = 10000):
-        if kind not in ("fixed", "adaptive"):
-            raise ValueError(f"kl_controller must be 'fixed' or 'adaptive', got {kind!r}")
-        self.kind, self.value, self.target, self.horizon = kind, float(init), float(target), int(horizon)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        if self.kind == "adaptive":
-            error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-            self.value *= 1.0 + error * n_steps / self.horizon
-
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "value": self.value, "target": self.target, "horizon": self.horizon}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.kind, self.value = state["kind"], float(state["value"])
-        self.target, self.horizon = float(state["target"]), int(state["horizon"])
-
-
-class RunningMoments:
-    """Running mean/std of scores (parallel Welford over batches, global across ranks) for reward_norm."""
-
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
-
-    def update(self, x: torch.Tensor, group=None) -> None:
-        stats = torch.stack([x.numel() * torch.ones((), dtype=torch.float64), x.double().sum(), (x.double() ** 2).sum()])
-        if _dist_ready(group):
-            torch.distributed.all_reduce(stats, group=group)
-        n, s, ss = (float(v) for v in stats)
-        if n == 0:
-            return
-        mean_b = s / n
-        m2_b = ss - n * mean_b ** 2
-        delta = mean_b - self.mean
-        tot = self.count + n
-        self.mean += delta * n / tot
-        self.m2 += m2_b + delta ** 2 * self.count * n / tot
-        self.count = tot
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
-
-    def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.count, self.mean, self.m2 = s["count"], s["mean"], s["m2"]
-
-
-# =============================================================================== distributed helpers
-def _dist_ready(group=None) -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum over ranks (a no-op without a process group). Returns a new tensor."""
-    t = t.clone()
-    if _dist_ready(group):
-        torch.distributed.all_reduce(t, group=group)
-    return t
-
-
-# =============================================================================== the step, as functions
-class RolloutForward(NamedTuple):
-    """No-grad forward results on a rollout. All fp32 [B, R] (0 where the response mask is 0).
-
-    logprobs is None when the update recomputes them on-policy (critic-free, one epoch, one minibatch);
-    values is None without a critic; ref_logprobs is None without a reference."""
-
-    logprobs: torch.Tensor | None
-    ref_logprobs: torch.Tensor | None
-    values: torch.Tensor | None
-
-
-class Advantages(NamedTuple):
-    """rewards, kl, advantages, returns: fp32 [B, R]; non_score_reward: -kl_coef * kl (masked).
-
-    Critic-free estimators: returns is None; rewards are the token rewards (score on the last valid
-    token, plus -kl_coef x kl for reinforce_pp); kl is the per-token estimate of the old policy
-    against the reference (k3 for grpo/rloo, the one their loss term uses)."""
-
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    non_score_reward: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor | None
+from rlhf_fast.trainer.ppo_step import Advantages, RolloutForward
+from rlhf_fast.trainer.rollout import Rollout, prompt_seeds
 
 
 def autocast_ctx(device: torch.device, bf16: bool, fp16: bool = False):
@@ -228,200 +42,6 @@ def autocast_ctx(device: torch.device, bf16: bool, fp16: bool = False):
     if fp16:
         return torch.autocast(device_type=device.type, dtype=torch.float16)
     return contextlib.nullcontext()
-
-
-def generate_rollout(model: PolicyValueModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
-                     response_length: int, temperature: float, pad_token_id: int, stop_token_ids=(),
-                     seeds: torch.Tensor | None = None, chunk_size: int = 64, inference_mode: bool = True) -> Rollout:
-    """Sample responses for left-padded prompts [B, P] in chunks of ``chunk_size`` rows; one Rollout for all."""
-    parts = []
-    for s in range(0, prompt_ids.shape[0], chunk_size):
-        sl = slice(s, s + chunk_size)
-        parts.append(generate(model.policy, prompt_ids[sl], prompt_mask[sl], response_length,
-                              pad_token_id=pad_token_id, temperature=temperature, stop_token_ids=stop_token_ids,
-                              seeds=None if seeds is None else seeds[sl], trim=False, inference_mode=inference_mode))
-    R = max(int(p.response_mask.sum(1).max()) if p.response_mask.numel() else 0 for p in parts)
-    R = max(R, 1)
-    responses = torch.cat([p.responses[:, :R] for p in parts])
-    mask = torch.cat([p.response_mask[:, :R] for p in parts])
-    return Rollout(torch.cat([prompt_ids, responses], 1), responses, mask,
-                   torch.cat([p.contains_stop for p in parts]), prompt_ids.shape[1])
-
-
-def score_rollout(reward, tokenizer, rollout: Rollout, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Scores fp32 [B] of prompt + response (up to and including the stop token) from a reward adapter."""
-    attn = torch.cat([prompt_mask.to(rollout.response_mask.dtype), rollout.response_mask], 1).long()
-    kwargs: dict[str, Any] = {"input_ids": rollout.query_responses, "attention_mask": attn}
-    if getattr(reward, "tokenizer", None) is not None or not hasattr(reward, "score_ids"):
-        P = rollout.context_length
-        kwargs["prompts"] = tokenizer.batch_decode(
-            [r[m.bool()] for r, m in zip(rollout.query_responses[:, :P], prompt_mask)], skip_special_tokens=True)
-        kwargs["completions"] = tokenizer.batch_decode(
-            [r[m] for r, m in zip(rollout.responses, rollout.response_mask)], skip_special_tokens=True)
-    return reward(**kwargs).float()
-
-
-def full_attention_mask(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    return torch.cat([prompt_mask.long(), response_mask.long()], 1)
-
-
-def trim_batch(query_responses, prompt_mask, response_mask):
-    """Drop left-pad columns every row has and response columns no row uses (cheaper forwards).
-
-    Returns (ids, attention_mask, response_start, response_cols) where response_cols is the number of
-    response columns kept (outputs must be right-padded back to the full R by the caller)."""
-    P = prompt_mask.shape[1]
-    first_real = int((prompt_mask.long().cumsum(1) == 0).sum(1).min()) if prompt_mask.numel() else 0
-    first_real = min(first_real, P - 1)
-    resp_len = int(response_mask.long().sum(1).max()) if response_mask.numel() else 0
-    # valid response tokens form a prefix of each row (tokens after the stop token are masked)
-    resp_cols = max(resp_len, 1)
-    ids = query_responses[:, first_real:P + resp_cols]
-    attn = full_attention_mask(prompt_mask[:, first_real:], response_mask[:, :resp_cols])
-    return ids, attn, P - first_real, resp_cols
-
-
-def _pad_right(x: torch.Tensor, R: int) -> torch.Tensor:
-    return x if x.shape[1] == R else torch.nn.functional.pad(x, (0, R - x.shape[1]))
-
-
-@torch.no_grad()
-def rollout_forward(model: PolicyValueModel, rollout: Rollout, prompt_mask: torch.Tensor, *, temperature: float,
-                    need_reference: bool, chunk_size: int = 64, autocast=contextlib.nullcontext,
-                    need_policy: bool = True) -> RolloutForward:
-    """Old log-probs and values (one policy-value forward) and reference log-probs, in row chunks.
-
-    need_policy=False skips the policy forward (logprobs and values None): the on-policy critic-free
-    update takes its old log-probs from its own forward. Values are None when the model has no critic."""
-    R = rollout.responses.shape[1]
-    with_values = need_policy and getattr(model, "value_head", None) is not None
-    lps, refs, vals = [], [], []
-    for s in range(0, rollout.responses.shape[0], chunk_size):
-        sl = slice(s, s + chunk_size)
-        ids, attn, start, cols = trim_batch(rollout.query_responses[sl], prompt_mask[sl], rollout.response_mask[sl])
-        m = rollout.response_mask[sl][:, :cols]
-        with autocast():
-            out = model(ids, attn, response_start=start, return_entropy=False, return_values=with_values,
-                        temperature=temperature) if need_policy else None
-            ref = model.reference_logprobs(ids, attn, response_start=start, temperature=temperature) \
-                if need_reference else None
-        if out is not None:
-            lps.append(_pad_right(out.logprobs.float() * m, R))
-        if with_values:
-            vals.append(_pad_right(out.values.float() * m, R))
-        if ref is not None:
-            refs.append(_pad_right(ref.float() * m, R))
-    return RolloutForward(torch.cat(lps) if need_policy else None, torch.cat(refs) if need_reference else None,
-                          torch.cat(vals) if with_values else None)
-
-
-def compute_advantages(fwd: RolloutForward, scores: torch.Tensor, response_mask: torch.Tensor, *, kl_coef: float,
-                       kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95, whiten_rewards: bool = False,
-                       whiten_advantages: bool = True, group=None) -> Advantages:
-    """KL-shaped token rewards, GAE, whitening (DESIGN.md semantics). All [B, R] fp32."""
-    mask = response_mask.bool()
-    if fwd.ref_logprobs is None:
-        kl = torch.zeros_like(fwd.logprobs)
-    else:
-        kl = kl_penalty(fwd.logprobs, fwd.ref_logprobs, estimator=kl_estimator) * mask
-    rewards = token_rewards(scores, kl, mask, kl_coef)
-    non_score = -kl_coef * kl
-    if whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False, group=group)
-    adv, returns = gae(rewards, fwd.values, mask, gamma, lam)
-    if whiten_advantages:
-        adv = masked_whiten(adv, mask, shift_mean=True, group=group)
-    return Advantages(rewards, kl, non_score, adv, returns)
-
-
-def group_indices(prompt_indices: torch.Tensor, num_generations: int, run_seed: int, round_index: int):
-    """Rows of a grouped rollout: each prompt repeated ``num_generations`` times contiguously.
-
-    Returns (row prompt indices int64 [G * n], row seeds int64 [G * n]). Row g*n + j samples generation j
-    of prompt g with the seed of the virtual global index (prompt index x n + j), so the samples of one
-    group differ, and a (prompt, generation, round) gets the same sample whatever the rank count."""
-    n = int(num_generations)
-    rows = prompt_indices.to(torch.int64).repeat_interleave(n)
-    gen = torch.arange(n, dtype=torch.int64).repeat(prompt_indices.numel())
-    return rows, prompt_seeds(run_seed, rows * n + gen, round_index)
-
-
-def group_reward_stats(scores: torch.Tensor, num_generations: int, group=None) -> dict[str, float]:
-    """TRL GRPO's ``reward_std`` (mean over groups of the within-group std, unbiased) and
-    ``frac_reward_zero_std`` (share of groups whose scores are all equal), over every rank."""
-    grouped = scores.detach().float().reshape(-1, num_generations)
-    std = grouped.std(dim=1, unbiased=True) if num_generations > 1 else torch.zeros(grouped.shape[0])
-    zero = (grouped.max(dim=1).values - grouped.min(dim=1).values) == 0
-    tot = all_reduce_sum(torch.stack([std.sum(), zero.float().sum(), torch.tensor(float(grouped.shape[0]))]))
-    return {"reward_std": float(tot[0] / tot[2]), "frac_reward_zero_std": float(tot[1] / tot[2])}
-
-
-def compute_group_advantages(fwd: RolloutForward, scores: torch.Tensor, response_mask: torch.Tensor, *,
-                             estimator: str, num_generations: int, kl_coef: float, kl_estimator: str = "k1",
-                             gamma: float = 1.0, scale_rewards: bool = True, group=None) -> Advantages:
-    """Critic-free advantages [B, R] fp32 from the ``rlhf_fast.algos`` registry.
-
-    grpo / rloo: one advantage per sequence from ``scores`` [B] (groups of ``num_generations``
-    contiguous rows), broadcast over the row's valid response tokens; the KL is not in the reward
-    (the trainer adds kl_coef x k3 to the loss), kl here is k3 of the rollout policy for the metrics.
-    reinforce_pp: token rewards = score on the last valid token - kl_coef x kl (``kl_estimator``),
-    discounted returns whitened over the global batch (``group``).
-    fwd.logprobs may be None for grpo/rloo (on-policy update): kl is then zeros here and the trainer
-    reports the KL measured by the update's own forward."""
-    mask = response_mask.bool()
-    fn = get_advantage_estimator(estimator)
-    token_level = estimator == "reinforce_pp"
-    if fwd.ref_logprobs is not None and fwd.logprobs is not None:
-        kl = kl_penalty(fwd.logprobs, fwd.ref_logprobs, estimator=kl_estimator if token_level else "k3") * mask
-    elif fwd.ref_logprobs is not None and token_level:
-        raise ValueError("reinforce_pp with a reference needs fwd.logprobs for its KL-shaped token rewards")
-    else:
-        kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    if token_level:
-        rewards = token_rewards(scores, kl, mask, kl_coef)
-        adv = fn(rewards, mask, gamma=gamma, group=group)
-    else:
-        rewards = token_rewards(scores, torch.zeros_like(kl), mask, 0.0)
-        kwargs = {"scale_by_std": bool(scale_rewards)} if estimator == "grpo" else {}
-        per_seq = fn(scores, num_generations, **kwargs)
-        adv = per_seq.unsqueeze(1) * mask
-    return Advantages(rewards, kl, -kl_coef * kl, adv, None)
-
-
-# =============================================================================== trainer state
-@dataclass
-class StepStats:
-    """Per-micro-batch training statistics collected on device (no host sync until logging)."""
-
-    approxkl: list
-    clipfrac: list
-    pg_loss: list
-    vf_loss: list
-    vf_clipfrac: list
-    entropy: list
-    ratio: list
-    kl: list = None  # critic-free with a KL loss term: mean per-token k3 of the policy vs the reference
-
-    @classmethod
-    def empty(cls):
-        return cls([], [], [], [], [], [], [], [])
-
-    def means(self) -> dict[str, float]:
-        def m(xs):
-            return float(torch.stack(xs).mean()) if xs else float("nan")
-
-        ratios = torch.stack(self.ratio) if self.ratio else torch.zeros(1)
-        out = {
-            "policy/approxkl_avg": m(self.approxkl), "policy/clipfrac_avg": m(self.clipfrac),
-            "loss/policy_avg": m(self.pg_loss), "loss/value_avg": m(self.vf_loss),
-            "val/clipfrac_avg": m(self.vf_clipfrac), "policy/entropy_avg": m(self.entropy),
-            "val/ratio": m(self.ratio), "val/ratio_var": float(ratios.var()) if ratios.numel() > 1 else 0.0,
-        }
-        if self.pg_loss and not self.vf_loss:  # no critic: no value metrics rather than NaNs
-            del out["loss/value_avg"], out["val/clipfrac_avg"]
-        if self.kl:
-            out["kl"] = m(self.kl)
-        return out
 
 
 class NonFiniteError(RuntimeError):
@@ -454,7 +74,7 @@ class PPOTrainer:
             raise ValueError("model and ref_model cannot be the same object: pass a copy, or None")
         self.args = args
         set_seed(args.seed)
-        self.rank, self.world_size = self._dist_info()
+        self.rank, self.world_size = rank_and_world_size()
         self.is_main = self.rank == 0
         # Whitening statistics and token counts are global: reduce over every rank.
         self.group = torch.distributed.group.WORLD if self.world_size > 1 else None
@@ -563,12 +183,6 @@ class PPOTrainer:
         self._completions_rows: list[dict] = []
 
     # ------------------------------------------------------------------ setup helpers
-    @staticmethod
-    def _dist_info() -> tuple[int, int]:
-        if _dist_ready():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def _limit_threads(self) -> None:
         # One thread per rank when cores are few: oversubscription makes steps 10-20x slower.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
@@ -803,6 +417,144 @@ class PPOTrainer:
             self.logger.log(metrics, self.state.global_step)
 
     # ------------------------------------------------------------------ one PPO step
+    def step(self) -> dict | None:
+        """One PPO step: prompts, rollout, score, rollout forward, advantages, update, metrics.
+
+        Returns the metrics (None when a non-finite reward skipped the step)."""
+        a = self.args
+        t0 = time.perf_counter()
+        # 1. Prompts: this rank's share of the global batch (group estimators: n contiguous rows per prompt).
+        prompt_ids, prompt_mask, seeds = self._next_prompts()
+        self.state.episode += a.batch_size
+        # 2. Rollout: sample responses with the lean decoder (FSDP2: the root's parameters gathered).
+        self.model.eval()
+        fsdp = self.world_size > 1 and a.distributed_strategy == "fsdp2"
+        with self._full_params(), self._autocast():
+            rollout = ppo_step.generate_rollout(
+                self.model, prompt_ids, prompt_mask, response_length=a.response_length, temperature=a.temperature,
+                pad_token_id=self.pad_token_id, stop_token_ids=self._stop_ids(), seeds=seeds,
+                chunk_size=a.local_rollout_forward_batch_size, inference_mode=not fsdp)
+        t_gen = time.perf_counter()
+        # 3. Score: reward model or callable, EOS penalty, running normalisation, clipping.
+        scores, raw_scores = self._score(rollout, prompt_mask)
+        t_score = time.perf_counter()
+        if not bool(all_reduce_sum(torch.isfinite(scores).all().float().reshape(1) - 1.0)[0] == 0):
+            return self._skip_step("non-finite reward", t0)
+        # 4. Rollout forward: old log-probs and values, reference log-probs.
+        fwd, first_out = self._rollout_forward(rollout, prompt_mask)
+        # 5. Advantages: the registered estimator on KL-shaped rewards (or sequence scores).
+        spec = a.estimator_spec
+        adv = ppo_step.compute_advantages(
+            fwd, scores, rollout.response_mask, kl_coef=self.kl_ctl.value, kl_estimator=a.kl_estimator,
+            gamma=a.gamma, lam=a.lam, whiten_rewards=a.whiten_rewards, whiten_advantages=a.whiten_advantages,
+            estimator=a.advantage_estimator, num_generations=a.num_generations,
+            estimator_kwargs={kw: getattr(a, field) for kw, field in spec.config_kwargs}, group=self.group)
+        t_fwd = time.perf_counter()
+        # 6. Update: epochs x minibatches x micro-batches of clipped policy (and value) updates.
+        stats, skipped, first_epoch = self._update(rollout, prompt_mask, fwd, adv, first_out)
+        t_upd = time.perf_counter()
+        # 7. KL control, state and metrics (TRL's names and formulas).
+        mask = rollout.response_mask
+        # Entropy and KL of the sampling policy: from the rollout forward, or (on-policy update, no rollout
+        # forward) from the first epoch's forwards, which ran on the same weights.
+        neg_logprob_sum = (-fwd.logprobs * mask).sum() if fwd.logprobs is not None else first_epoch["neg_logprob_sum"]
+        kl_sum = adv.kl.sum() if fwd.logprobs is not None else first_epoch["kl_sum"]
+        kl_coef = self.kl_ctl.value
+        metrics = step_metrics(
+            stats, batch_size=a.batch_size, kl_sum=kl_sum, neg_logprob_sum=neg_logprob_sum, kl_coef=kl_coef,
+            raw_scores=raw_scores, responses=rollout.response_mask, eos_token_id=self.tokenizer.eos_token_id,
+            response_tokens=rollout.responses, group_scores=None if a.uses_critic else scores,
+            num_generations=a.num_generations, group=self.group)
+        self.kl_ctl.update(metrics["objective/kl"], a.batch_size)
+        self.state.global_step += 1
+        self.state.epoch = self.state.episode / (len(self.prompts) * a.num_generations)
+        elapsed = time.time() - self._start_time
+        metrics["eps"] = int((self.state.episode - self._episodes_at_start) / max(elapsed, 1e-9))
+        n_tokens = float(all_reduce_sum(mask.sum().float().reshape(1))[0])
+        metrics.update({
+            "lr": self.lr_scheduler.get_last_lr()[0], "episode": self.state.episode, "objective/kl_coef": self.kl_ctl.value,
+            "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/forward": t_fwd - t_score,
+            "time/update": t_upd - t_fwd, "time/step": t_upd - t0,
+            "tokens_per_second": n_tokens / max(t_upd - t0, 1e-9), "skipped_updates": skipped,
+        })
+        self.lr_scheduler.step()
+        if self._should_log():
+            self.log(metrics)
+        self._last_rollout = rollout
+        return metrics
+
+    def _next_prompts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt_ids int64 [B, P] left-padded, prompt_mask [B, P], sampling seeds int64 [B]) of this step."""
+        a = self.args
+        indices, epoch = self.sampler.next_batch()
+        if a.uses_critic:
+            seeds = prompt_seeds(a.seed, indices, epoch)
+        else:  # rows [g*n, (g+1)*n) = n samples of prompt g, each with its own seed
+            indices, seeds = group_indices(indices, a.num_generations, a.seed, epoch)
+        return (*self._prompt_batch(indices), seeds)
+
+    def _stop_ids(self) -> list[int]:
+        return [self.stop_token_id] if self.stop_token_id is not None else []
+
+    @torch.no_grad()
+    def _score(self, rollout: Rollout, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores used for the advantages, raw scores for the metrics), fp32 [B]."""
+        a = self.args
+        scores = ppo_step.score_rollout(self.reward, self.tokenizer, rollout, prompt_mask).to(self.device)
+        contains_eos = (rollout.responses == self.tokenizer.eos_token_id).any(1) \
+            if self.tokenizer.eos_token_id is not None else torch.zeros_like(scores, dtype=torch.bool)
+        if a.missing_eos_penalty is not None:
+            scores = scores - a.missing_eos_penalty * (~contains_eos).float()
+        raw_scores = scores
+        if a.reward_norm:
+            self.score_moments.update(scores, self.group)
+            scores = (scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)
+        if a.reward_clip is not None:
+            scores = scores.clamp(-a.reward_clip, a.reward_clip)
+        return scores, raw_scores
+
+    def _rollout_forward(self, rollout: Rollout, prompt_mask: torch.Tensor):
+        """(RolloutForward, first_out): first_out is the first update's forward when it doubles as this one."""
+        a = self.args
+        need_reference = self.reference_mode != "none"
+        kw = dict(temperature=max(a.temperature, 1e-7), need_reference=need_reference,
+                  chunk_size=a.local_rollout_forward_batch_size, autocast=self._autocast)
+        if not self._first_update_reuses_rollout_forward(rollout):
+            return ppo_step.rollout_forward(self.model, rollout, prompt_mask, need_policy=not self._on_policy_update(),
+                                            **kw), None
+        # One forward serves twice: its detached outputs are the old log-probs and values, and its graph
+        # is the first update's forward (same weights, no dropout, one micro-batch = the whole batch).
+        # The reference runs first, so its transient buffers never overlap the policy's graph.
+        ref_fwd = ppo_step.rollout_forward(self.model, rollout, prompt_mask, need_policy=False, **kw)
+        return self._forward_with_grad(rollout, prompt_mask, ref_fwd.ref_logprobs)
+
+    def _should_log(self) -> bool:
+        s = self.state
+        return (s.global_step % max(s.logging_steps, 1) == 0 or s.global_step == 1 or s.global_step >= s.max_steps)
+
+    def _skip_step(self, reason: str, t0: float) -> None:
+        self.nonfinite_steps += 1
+        self.state.global_step += 1
+        self.lr_scheduler.step()
+        msg = (f"step {self.state.global_step}: {reason}; update skipped "
+               f"({self.nonfinite_steps}/{self.args.max_nonfinite_steps} allowed)")
+        warnings.warn(msg, stacklevel=2)
+        self.log({"nonfinite/skipped_steps": self.nonfinite_steps, "nonfinite/reason": reason,
+                  "time/step": time.perf_counter() - t0})
+        if self.nonfinite_steps >= self.args.max_nonfinite_steps:
+            raise NonFiniteError(f"stopping: {self.nonfinite_steps} steps had non-finite values (last: {reason}); "
+                                 "no checkpoint is written from them")
+        return None
+
+    def _on_policy_update(self) -> bool:
+        """Critic-free, one epoch and one minibatch (TRL GRPO's default): the only update sees the weights
+        that sampled, so the old log-probs equal its own (detached) ones and the rollout's policy forward
+        is skipped, as TRL does. An estimator with the KL in its rewards still needs them before the update."""
+        a = self.args
+        if a.uses_critic or a.num_ppo_epochs != 1 or a.num_mini_batches != 1:
+            return False
+        return not (a.estimator_spec.kl_in_reward and self.reference_mode != "none")
+
     def _prompt_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.data_collator is not None and self.train_dataset is not None:
             rows = [self.train_dataset[int(i)] for i in indices]
@@ -827,141 +579,6 @@ class PPOTrainer:
     def _autocast(self):
         return autocast_ctx(self.device, bool(self.args.bf16), bool(self.args.fp16))
 
-    def step(self) -> dict | None:
-        """One PPO step: rollout, score, advantages, updates. Returns the metrics (None if skipped)."""
-        a = self.args
-        t0 = time.perf_counter()
-        indices, epoch = self.sampler.next_batch()
-        grouped = not a.uses_critic
-        if grouped:  # rows [g*n, (g+1)*n) = n samples of prompt g, each with its own seed
-            indices, seeds = group_indices(indices, a.num_generations, a.seed, epoch)
-        else:
-            seeds = prompt_seeds(a.seed, indices, epoch)
-        prompt_ids, prompt_mask = self._prompt_batch(indices)
-        self.state.episode += a.batch_size
-        self.model.eval()
-        stop_ids = [self.stop_token_id] if self.stop_token_id is not None else []
-        fsdp = self.world_size > 1 and a.distributed_strategy == "fsdp2"
-        with self._full_params(), self._autocast():
-            rollout = generate_rollout(self.model, prompt_ids, prompt_mask, response_length=a.response_length,
-                                       temperature=a.temperature, pad_token_id=self.pad_token_id,
-                                       stop_token_ids=stop_ids, seeds=seeds,
-                                       chunk_size=a.local_rollout_forward_batch_size, inference_mode=not fsdp)
-        t_gen = time.perf_counter()
-        with torch.no_grad():
-            scores = score_rollout(self.reward, self.tokenizer, rollout, prompt_mask).to(self.device)
-            contains_eos = (rollout.responses == self.tokenizer.eos_token_id).any(1) \
-                if self.tokenizer.eos_token_id is not None else torch.zeros_like(scores, dtype=torch.bool)
-            if a.missing_eos_penalty is not None:
-                scores = scores - a.missing_eos_penalty * (~contains_eos).float()
-            raw_scores = scores
-            if a.reward_norm:
-                self.score_moments.update(scores, self.group)
-                scores = (scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)
-            if a.reward_clip is not None:
-                scores = scores.clamp(-a.reward_clip, a.reward_clip)
-        t_score = time.perf_counter()
-        finite = bool(all_reduce_sum(torch.isfinite(scores).all().float().reshape(1) - 1.0)[0] == 0)
-        if not finite:
-            return self._skip_step("non-finite reward", t0)
-
-        need_reference = self.reference_mode != "none"
-        first_out = None
-        if self._first_update_reuses_rollout_forward(rollout):
-            # One forward serves twice: its detached outputs are the old log-probs and values, and its graph
-            # is the first update's forward (same weights, no dropout, one micro-batch = the whole batch).
-            # The reference runs first, so its transient buffers never overlap the policy's graph.
-            ref_fwd = rollout_forward(self.model, rollout, prompt_mask, temperature=max(a.temperature, 1e-7),
-                                      need_reference=need_reference, chunk_size=a.local_rollout_forward_batch_size,
-                                      autocast=self._autocast, need_policy=False)
-            fwd, first_out = self._forward_with_grad(rollout, prompt_mask, ref_fwd.ref_logprobs)
-        else:
-            fwd = rollout_forward(self.model, rollout, prompt_mask, temperature=max(a.temperature, 1e-7),
-                                  need_reference=need_reference, chunk_size=a.local_rollout_forward_batch_size,
-                                  autocast=self._autocast, need_policy=not self._on_policy_update())
-        if grouped:
-            adv = compute_group_advantages(fwd, scores, rollout.response_mask, estimator=a.advantage_estimator,
-                                           num_generations=a.num_generations, kl_coef=self.kl_ctl.value,
-                                           kl_estimator=a.kl_estimator, gamma=a.gamma,
-                                           scale_rewards=a.scale_rewards, group=self.group)
-        else:
-            adv = compute_advantages(fwd, scores, rollout.response_mask, kl_coef=self.kl_ctl.value,
-                                     kl_estimator=a.kl_estimator, gamma=a.gamma, lam=a.lam,
-                                     whiten_rewards=a.whiten_rewards, whiten_advantages=a.whiten_advantages,
-                                     group=self.group)
-        t_fwd = time.perf_counter()
-        stats, skipped, first_epoch = self._update(rollout, prompt_mask, fwd, adv, first_out)
-        t_upd = time.perf_counter()
-
-        mask = rollout.response_mask
-        # Entropy and KL of the sampling policy: from the rollout forward, or (on-policy critic-free
-        # update, no rollout forward) from the first epoch's forwards, which ran on the same weights.
-        neg_logprob_sum = (-fwd.logprobs * mask).sum() if fwd.logprobs is not None else first_epoch["neg_logprob_sum"]
-        kl_sum = adv.kl.sum() if fwd.logprobs is not None else first_epoch["kl_sum"]
-        mean_kl = float(all_reduce_sum(kl_sum.reshape(1))[0]) / a.batch_size
-        non_score_sum = -self.kl_ctl.value * kl_sum
-        self.kl_ctl.update(mean_kl, a.batch_size)
-        self.state.global_step += 1
-        self.state.epoch = self.state.episode / (len(self.prompts) * a.num_generations)
-        n_tokens = float(all_reduce_sum(mask.sum().float().reshape(1))[0])
-        elapsed = time.time() - self._start_time
-        metrics = {
-            "eps": int((self.state.episode - self._episodes_at_start) / max(elapsed, 1e-9)),
-            "objective/kl": mean_kl,
-            "objective/entropy": float(all_reduce_sum(neg_logprob_sum.reshape(1))[0]) / a.batch_size,
-            "objective/non_score_reward": float(all_reduce_sum(non_score_sum.reshape(1))[0]) / a.batch_size,
-            "objective/scores": float(all_reduce_sum(raw_scores.sum().reshape(1))[0]) / a.batch_size,
-        }
-        metrics["objective/rlhf_reward"] = metrics["objective/non_score_reward"] + metrics["objective/scores"]
-        if grouped:
-            metrics.update(group_reward_stats(scores, a.num_generations, self.group))
-        metrics.update(stats.means())
-        metrics["val/num_eos_tokens"] = int(all_reduce_sum(
-            (rollout.responses == self.tokenizer.eos_token_id).sum().reshape(1))[0]) \
-            if self.tokenizer.eos_token_id is not None else 0
-        metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
-        metrics["episode"] = self.state.episode
-        metrics["objective/kl_coef"] = self.kl_ctl.value
-        metrics["time/generate"] = t_gen - t0
-        metrics["time/score"] = t_score - t_gen
-        metrics["time/forward"] = t_fwd - t_score
-        metrics["time/update"] = t_upd - t_fwd
-        metrics["time/step"] = t_upd - t0
-        metrics["tokens_per_second"] = n_tokens / max(t_upd - t0, 1e-9)
-        metrics["skipped_updates"] = skipped
-        self.lr_scheduler.step()
-        if self._should_log():
-            self.log(metrics)
-        self._last_rollout = rollout
-        return metrics
-
-    def _should_log(self) -> bool:
-        s = self.state
-        return (s.global_step % max(s.logging_steps, 1) == 0 or s.global_step == 1 or s.global_step >= s.max_steps)
-
-    def _skip_step(self, reason: str, t0: float) -> None:
-        self.nonfinite_steps += 1
-        self.state.global_step += 1
-        self.lr_scheduler.step()
-        msg = (f"step {self.state.global_step}: {reason}; update skipped "
-               f"({self.nonfinite_steps}/{self.args.max_nonfinite_steps} allowed)")
-        warnings.warn(msg, stacklevel=2)
-        self.log({"nonfinite/skipped_steps": self.nonfinite_steps, "nonfinite/reason": reason,
-                  "time/step": time.perf_counter() - t0})
-        if self.nonfinite_steps >= self.args.max_nonfinite_steps:
-            raise NonFiniteError(f"stopping: {self.nonfinite_steps} steps had non-finite values (last: {reason}); "
-                                 "no checkpoint is written from them")
-        return None
-
-    def _on_policy_update(self) -> bool:
-        """Critic-free, one epoch and one minibatch (TRL GRPO's default): the only update sees the weights
-        that sampled, so the old log-probs equal its own (detached) ones and the rollout's policy forward
-        is skipped, as TRL does. reinforce_pp with a KL penalty still needs them before the update."""
-        a = self.args
-        if a.uses_critic or a.num_ppo_epochs != 1 or a.num_mini_batches != 1:
-            return False
-        return not (a.advantage_estimator == "reinforce_pp" and self.reference_mode != "none")
-
     def _first_update_reuses_rollout_forward(self, rollout: Rollout) -> bool:
         """PPO with a critic whose first update is one micro-batch holding the whole rollout batch
         (num_mini_batches = 1, no gradient accumulation, nothing chunked) on weights without dropout:
@@ -979,136 +596,34 @@ class PPOTrainer:
         Returns (RolloutForward of detached outputs padded to R, (ModelOutput, cols))."""
         a = self.args
         self.model.train()
-        ids, attn, start, cols = trim_batch(rollout.query_responses, prompt_mask, rollout.response_mask)
+        ids, attn, start, cols = ppo_step.trim_batch(rollout.query_responses, prompt_mask, rollout.response_mask)
         m = rollout.response_mask[:, :cols]
         R = rollout.responses.shape[1]
         with self._autocast():
             out = self.ddp_model(ids, attn, response_start=start, return_entropy=True, return_values=True,
                                  temperature=max(a.temperature, 1e-7))
-        fwd = RolloutForward(_pad_right(out.logprobs.detach().float() * m, R), ref_logprobs,
-                             _pad_right(out.values.detach().float() * m, R))
+        fwd = RolloutForward(ppo_step.pad_right(out.logprobs.detach().float() * m, R), ref_logprobs,
+                             ppo_step.pad_right(out.values.detach().float() * m, R))
         return fwd, (out, cols)
 
     def _update(self, rollout: Rollout, prompt_mask: torch.Tensor, fwd: RolloutForward, adv: Advantages,
                 first_out=None):
-        """num_ppo_epochs x minibatches x micro-batches of clipped updates.
-
-        Returns (StepStats, skipped, sums over the valid tokens of the first epoch's forwards:
-        {"neg_logprob_sum": -logprob, "kl_sum": k3 to the reference (0 without a KL loss term)})."""
-        a = self.args
+        """``ppo_step.ppo_update`` with this trainer's model, optimizer, seed and non-finite policy."""
         self.model.train()
-        stats = StepStats.empty()
-        zero = torch.zeros((), device=rollout.response_mask.device)
-        first_epoch = {"neg_logprob_sum": zero, "kl_sum": zero}
-        mask = rollout.response_mask
-        B = mask.shape[0]
-        g = torch.Generator().manual_seed(a.seed * 7919 + self.state.global_step)
-        clip_high = a.cliprange_high if a.cliprange_high is not None else a.cliprange
-        need_entropy = True
-        skipped = 0
-        for _epoch in range(a.num_ppo_epochs):
-            perm = torch.randperm(B, generator=g)
-            if _epoch == 0 and first_out is not None:
-                perm = torch.arange(B)  # the kept forward holds the rows in order (one micro-batch: same loss)
-            for mb_start in range(0, B, a.local_mini_batch_size):
-                mb = perm[mb_start:mb_start + a.local_mini_batch_size]
-                num_tokens = all_reduce_sum(mask[mb].sum().float().reshape(1))
-                num_seqs = all_reduce_sum(torch.tensor([float(len(mb))], device=mask.device))
-                micro = [mb[i:i + a.per_device_train_batch_size] for i in range(0, len(mb), a.per_device_train_batch_size)]
-                for k, idx in enumerate(micro):
-                    sync = k == len(micro) - 1
-                    ctx = self.ddp_model.no_sync() if (not sync and hasattr(self.ddp_model, "no_sync")) \
-                        else contextlib.nullcontext()
-                    with ctx:
-                        reuse = first_out if (_epoch == 0 and mb_start == 0 and k == 0) else None
-                        loss, st = self._micro_step(rollout, prompt_mask, fwd, adv, idx, num_tokens, num_seqs,
-                                                    clip_high, need_entropy, reuse)
-                    sums = {k: st.pop(k) for k in ("neg_logprob_sum", "kl_sum") if k in st}
-                    if _epoch == 0:
-                        for k, v in sums.items():
-                            first_epoch[k] = first_epoch[k] + v
-                    for key, v in st.items():
-                        getattr(stats, key).append(v)
-                grad_norm = self._clip_grads()
-                if not bool(torch.isfinite(grad_norm)):
-                    skipped += 1
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.nonfinite_steps += 1
-                    warnings.warn(f"non-finite loss or gradient norm ({float(grad_norm)}): optimizer step skipped",
-                                  stacklevel=2)
-                    if self.nonfinite_steps >= a.max_nonfinite_steps:
-                        raise NonFiniteError(f"stopping: {self.nonfinite_steps} updates had non-finite gradients")
-                    continue
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        return stats, skipped, first_epoch
+        return ppo_step.ppo_update(
+            self.ddp_model, self.optimizer, rollout, prompt_mask, fwd, adv, args=self.args, kl_coef=self.kl_ctl.value,
+            step_seed=self.args.seed * 7919 + self.state.global_step, world_size=self.world_size,
+            autocast=self._autocast, clip_grads=self._clip_grads, on_nonfinite=self._on_nonfinite_grad,
+            first_out=first_out)
 
     def _clip_grads(self) -> torch.Tensor:
-        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        if not params:
-            return torch.zeros(())
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return ppo_step.clip_grad_norm(self.model, self.args.max_grad_norm)
 
-    def _micro_step(self, rollout, prompt_mask, fwd, adv, idx, num_tokens, num_seqs, clip_high, need_entropy,
-                    reuse=None):
-        """reuse: (ModelOutput, cols) of a forward already run with grad on these rows (see step())."""
-        a = self.args
-        critic = a.uses_critic
-        if reuse is not None:
-            out, cols = reuse
-        else:
-            ids, attn, start, cols = trim_batch(rollout.query_responses[idx], prompt_mask[idx],
-                                                rollout.response_mask[idx])
-            with self._autocast():
-                out = self.ddp_model(ids, attn, response_start=start, return_entropy=need_entropy,
-                                     return_values=critic, temperature=max(a.temperature, 1e-7))
-        m = rollout.response_mask[idx][:, :cols]
-        new_lp = out.logprobs.float()
-        # On-policy critic-free update (no rollout policy forward): old = new, detached (ratio 1, as TRL).
-        old_lp = fwd.logprobs[idx][:, :cols] if fwd.logprobs is not None else new_lp.detach()
-        pg_loss, pst = ppo_policy_loss(new_lp, old_lp, adv.advantages[idx][:, :cols], m,
-                                       clip_low=a.cliprange, clip_high=clip_high, dual_clip=a.dual_clip,
-                                       agg=a.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
-                                       norm_length=rollout.responses.shape[1])
-        extra = {}
-        if critic:
-            values = out.values.float()
-            vf_loss, vf_clipfrac = value_loss(values, fwd.values[idx][:, :cols], adv.returns[idx][:, :cols], m,
-                                              clip=a.cliprange_value, agg=a.loss_agg_mode, num_tokens=num_tokens,
-                                              num_seqs=num_seqs)
-            # DDP averages gradients over ranks; counts are global sums, so scale by world size back up.
-            loss = (pg_loss + a.vf_coef * vf_loss) * self.world_size
-        else:
-            loss = pg_loss * self.world_size
-            if a.advantage_estimator != "reinforce_pp" and fwd.ref_logprobs is not None and self.kl_ctl.value > 0:
-                # GRPO's KL term: beta x k3(policy || reference) per token, aggregated like the policy loss.
-                kl_tok = kl_penalty(new_lp, fwd.ref_logprobs[idx][:, :cols], estimator="k3")
-                kl_loss = aggregate_loss(kl_tok, m, a.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
-                                         norm_length=rollout.responses.shape[1])
-                loss = loss + self.kl_ctl.value * kl_loss * self.world_size
-                with torch.no_grad():
-                    extra["kl_sum"] = (kl_tok * m).sum()
-                    extra["kl"] = extra["kl_sum"] / m.sum().clamp_min(1)
-        ent_mean = None
-        if out.entropy is not None:
-            ent_tok = out.entropy.float()
-            ent_mean = (ent_tok * m).sum() / m.sum().clamp_min(1)
-            if a.entropy_coef:
-                loss = loss - a.entropy_coef * (ent_tok * m).sum() / num_tokens.clamp_min(1) * self.world_size
-        loss.backward()
-        with torch.no_grad():
-            n_local = m.sum().clamp_min(1)
-            scale = num_tokens.clamp_min(1) / n_local  # report the micro-batch's own token mean
-        st = {
-            "approxkl": pst.approx_kl, "clipfrac": pst.clipfrac, "pg_loss": (pg_loss.detach() * scale).reshape(()),
-            "entropy": ent_mean.detach() if ent_mean is not None else torch.zeros(()), "ratio": pst.ratio_mean,
-            "neg_logprob_sum": (-new_lp.detach() * m).sum(), **extra,
-        }
-        if critic:
-            st["vf_loss"] = (vf_loss.detach() * scale).reshape(())
-            st["vf_clipfrac"] = vf_clipfrac.detach().reshape(())
-        return loss.detach(), st
+    def _on_nonfinite_grad(self, grad_norm: torch.Tensor) -> None:
+        self.nonfinite_steps += 1
+        warnings.warn(f"non-finite loss or gradient norm ({float(grad_norm)}): optimizer step skipped", stacklevel=3)
+        if self.nonfinite_steps >= self.args.max_nonfinite_steps:
+            raise NonFiniteError(f"stopping: {self.nonfinite_steps} updates had non-finite gradients")
 
     # ------------------------------------------------------------------ sampling for humans
     @torch.no_grad()
@@ -1124,13 +639,13 @@ class PPOTrainer:
         bs = a.per_device_eval_batch_size
         rows = []
         self.model.eval()
-        stop_ids = [self.stop_token_id] if self.stop_token_id is not None else []
         for s in range(0, len(prompts), bs):
             ids, pmask = left_pad(prompts[s:s + bs], self.pad_token_id, self.device)
             with self._autocast():
-                ro = generate_rollout(self.model, ids, pmask, response_length=a.response_length, temperature=0.0,
-                                      pad_token_id=self.pad_token_id, stop_token_ids=stop_ids, chunk_size=bs)
-            scores = score_rollout(self.reward, self.tokenizer, ro, pmask)
+                ro = ppo_step.generate_rollout(self.model, ids, pmask, response_length=a.response_length,
+                                               temperature=0.0, pad_token_id=self.pad_token_id,
+                                               stop_token_ids=self._stop_ids(), chunk_size=bs)
+            scores = ppo_step.score_rollout(self.reward, self.tokenizer, ro, pmask)
             q = self.tokenizer.batch_decode([r[m.bool()] for r, m in zip(ids, pmask)], skip_special_tokens=True)
             c = self.tokenizer.batch_decode([r[m] for r, m in zip(ro.responses, ro.response_mask)],
                                             skip_special_tokens=True)

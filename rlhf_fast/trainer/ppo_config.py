@@ -32,9 +32,6 @@ HONOURED_TRAINING_ARGUMENTS = {
 # Set to a non-default value, these would change what the run computes: refuse rather than ignore.
 REJECTED_TRAINING_ARGUMENTS = {"deepspeed", "fsdp", "fsdp_config", "tf32", "torch_compile_backend"}
 SUPPORTED_OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "adamw_hf"}
-# Advantage estimators whose calling convention PPOTrainer knows (looked up in rlhf_fast.algos).
-GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
-TRAINER_ESTIMATORS = ("gae",) + GROUP_ESTIMATORS
 
 
 @dataclass
@@ -142,7 +139,12 @@ class PPOConfig(TrainingArguments):
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (episodes)."})
     advantage_estimator: str = field(
         default="gae",
-        metadata={"help": "gae (PPO with a critic) | grpo | rloo | reinforce_pp (critic-free; rlhf_fast.algos registry)."},
+        metadata={"help": "gae (PPO with a critic) | grpo | rloo | reinforce_pp (critic-free) | any name registered "
+                          "with rlhf_fast.algos.register_advantage_estimator."},
+    )
+    policy_loss: str = field(
+        default="ppo",
+        metadata={"help": "ppo (clipped, optional dual clip) | any name registered with rlhf_fast.algos.register_policy_loss."},
     )
     num_generations: int = field(
         default=1, metadata={"help": "Responses sampled per prompt (group estimators); the batch counts completions."}
@@ -199,20 +201,29 @@ class PPOConfig(TrainingArguments):
                           stacklevel=2)
 
     @property
+    def estimator_spec(self):
+        """The rlhf_fast.algos.EstimatorSpec of ``advantage_estimator``: what it needs from the trainer."""
+        from rlhf_fast.algos import get_estimator_spec
+
+        return get_estimator_spec(self.advantage_estimator)
+
+    @property
     def uses_critic(self) -> bool:
-        """True for "gae" (PPO with a value model); False for the critic-free group estimators."""
-        return self.advantage_estimator == "gae"
+        """True when the advantage estimator needs a value model ("gae"); False for the critic-free ones."""
+        return self.estimator_spec.needs_critic
 
     def _check_estimator(self) -> None:
-        from rlhf_fast.algos import list_advantage_estimators
+        from rlhf_fast.algos import ESTIMATOR_SPECS, get_kl_estimator, get_policy_loss
 
-        registered = list_advantage_estimators()
-        supported = [n for n in TRAINER_ESTIMATORS if n in registered]
-        if self.advantage_estimator not in supported:
+        registered = list(ESTIMATOR_SPECS)  # in registration order: the built-ins first
+        if self.advantage_estimator not in registered:
             raise ValueError(
-                f"advantage_estimator={self.advantage_estimator!r} is not one PPOTrainer can run; valid: {supported} "
-                f"(registered in rlhf_fast.algos: {list(registered)})"
+                f"advantage_estimator={self.advantage_estimator!r} is not registered; valid: {registered} "
+                "(add one with rlhf_fast.algos.register_advantage_estimator)"
             )
+        get_policy_loss(self.policy_loss)  # ValueError naming the registered losses
+        get_kl_estimator(self.kl_estimator)  # likewise for the KL estimators
+        spec = self.estimator_spec
         if self.scale_rewards in ("group", "none"):  # TRL GRPOConfig's string spellings
             self.scale_rewards = self.scale_rewards == "group"
         if not isinstance(self.scale_rewards, bool):
@@ -221,21 +232,25 @@ class PPOConfig(TrainingArguments):
         n = self.num_generations
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"num_generations must be an int, got {type(n).__name__}")
-        if self.uses_critic:
+        est = self.advantage_estimator
+        if spec.needs_critic:
             if n != 1:
                 raise ValueError(
-                    f"num_generations={n} with advantage_estimator='gae': GAE samples one response per prompt; "
-                    "use num_generations=1, or a group estimator (advantage_estimator='grpo' | 'rloo' | 'reinforce_pp')"
+                    f"num_generations={n} with advantage_estimator={est!r}: GAE samples one response per prompt (as "
+                    "does any estimator with a critic); use num_generations=1, or a group estimator (advantage_estimator='grpo' | "
+                    "'rloo' | 'reinforce_pp')"
                 )
             if self.critic == "none":
-                raise ValueError("critic='none' with advantage_estimator='gae': GAE needs a value model; use "
+                raise ValueError(f"critic='none' with advantage_estimator={est!r}: GAE needs a value model (as does any "
+                                 "estimator with a critic); use "
                                  "critic='auto'/'shared'/'separate' or a critic-free estimator ('grpo', 'rloo', "
                                  "'reinforce_pp')")
             return
-        if self.advantage_estimator == "rloo" and n < 2:
+        if n < spec.min_generations:
             raise ValueError(
-                f"advantage_estimator='rloo' needs num_generations >= 2 (the baseline is the mean of the other "
-                f"responses to the same prompt), got {n}: set num_generations=2 or more, or use 'grpo'"
+                f"advantage_estimator={est!r} needs num_generations >= {spec.min_generations} (the baseline is the "
+                f"mean of the other responses to the same prompt), got {n}: set num_generations="
+                f"{spec.min_generations} or more, or use 'grpo'"
             )
         if self.critic in ("shared", "separate"):
             raise ValueError(

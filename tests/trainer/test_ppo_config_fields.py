@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-import rlhf_fast.trainer.ppo as ppo_mod
+import rlhf_fast.ops.kl as kl_mod
+import rlhf_fast.trainer.ppo_step as ppo_mod
+from rlhf_fast import algos
 from rlhf_fast.trainer import PPOConfig, PPOTrainer
 from tests.trainer.test_ppo_trainer import V, config
 from tests.trainer.tiny import (
@@ -36,6 +38,19 @@ def count_calls(monkeypatch, obj, name):
     return calls
 
 
+def count_registry_calls(monkeypatch, registry, name):
+    """Spy on the entry the trainer looks up by name in an rlhf_fast.algos registry."""
+    calls = []
+    orig = registry.get(name)
+
+    def spy(*a, **k):
+        calls.append((a, k))
+        return orig(*a, **k)
+
+    monkeypatch.setitem(registry._entries, name, spy)
+    return calls
+
+
 def test_output_dir(tmp_path):
     tr = make(tmp_path, output_dir=str(tmp_path / "elsewhere"))
     tr.train()
@@ -57,7 +72,7 @@ def test_batch_fields_set_micro_and_optimizer_steps(tmp_path, monkeypatch, pdtbs
     """per_device_train_batch_size, gradient_accumulation_steps, num_mini_batches, num_ppo_epochs."""
     tr = make(tmp_path, per_device_train_batch_size=pdtbs, gradient_accumulation_steps=gas, num_mini_batches=mini,
               num_ppo_epochs=epochs, total_episodes=pdtbs * gas)
-    micro = count_calls(monkeypatch, tr, "_micro_step")
+    micro = count_calls(monkeypatch, ppo_mod, "micro_step")
     steps = count_calls(monkeypatch, tr.optimizer, "step")
     tr.train()
     assert tr.args.batch_size == pdtbs * gas and tr.state.global_step == 1
@@ -154,7 +169,7 @@ def test_kl_coef(tmp_path, coef):
 
 
 def test_kl_estimator(tmp_path, monkeypatch):
-    calls = count_calls(monkeypatch, ppo_mod, "kl_penalty")
+    calls = count_calls(monkeypatch, kl_mod, "kl_penalty")  # what the registry's "k3" runs
     make(tmp_path, kl_estimator="k3", total_episodes=8).train()
     assert calls[0][1]["estimator"] == "k3"
     with pytest.raises(ValueError, match="k1"):
@@ -184,7 +199,7 @@ def test_vf_coef(tmp_path):
 
 
 def test_gamma_lam_and_whiten_rewards_reach_the_kernels(tmp_path, monkeypatch):
-    gae_calls = count_calls(monkeypatch, ppo_mod, "gae")
+    gae_calls = count_registry_calls(monkeypatch, algos.ADVANTAGE_ESTIMATORS, "gae")
     white = count_calls(monkeypatch, ppo_mod, "masked_whiten")
     make(tmp_path, gamma=0.9, lam=0.7, whiten_rewards=True, total_episodes=8).train()
     assert gae_calls[0][0][3:5] == (0.9, 0.7)
