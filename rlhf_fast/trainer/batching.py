@@ -10,7 +10,7 @@ import torch
 
 from rlhf_fast.trainer.rollout import prompt_seeds
 
-__all__ = ["left_pad", "prompt_token_lists", "PromptSampler", "group_indices"]
+__all__ = ["left_pad", "prompt_token_lists", "collate_prompts", "check_context", "PromptSampler", "group_indices"]
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +47,25 @@ def prompt_token_lists(dataset, tokenizer) -> list[list[int]]:
         if len(ids) == 0:
             raise ValueError(f"train_dataset row {i} has an empty prompt")
     return out
+
+
+def collate_prompts(indices: torch.Tensor, prompts: list[list[int]], dataset=None, data_collator=None) -> list[list[int]]:
+    """Token id lists of the prompts at ``indices`` (int64 [B]): through ``data_collator`` when one is given
+    (its attention mask picks the tokens), else from the pre-tokenized ``prompts``."""
+    if data_collator is not None and dataset is not None:
+        rows = [dataset[int(i)] for i in indices]
+        batch = data_collator([{"input_ids": r["input_ids"]} if "input_ids" in r else r for r in rows])
+        return [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+    return [prompts[int(i)] for i in indices]
+
+
+def check_context(seqs: list[list[int]], response_length: int, model_config) -> None:
+    """ValueError when the longest prompt plus the response would exceed the model's context."""
+    max_ctx = getattr(model_config, "max_position_embeddings", None)
+    longest = max(len(s) for s in seqs)
+    if max_ctx is not None and longest + response_length > max_ctx:
+        raise ValueError(f"a prompt of {longest} tokens + response_length {response_length} exceeds "
+                         f"the model's context of {max_ctx} tokens: truncate prompts or lower response_length")
 
 
 class PromptSampler:

@@ -25,15 +25,24 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rlhf_fast.models import PolicyValueModel, ensure_pad_token, make_reward
+from rlhf_fast.models import ensure_pad_token
 from rlhf_fast.trainer import ppo_step
-from rlhf_fast.trainer.batching import PromptSampler, group_indices, left_pad, prompt_token_lists
+from rlhf_fast.trainer.batching import (
+    PromptSampler,
+    check_context,
+    collate_prompts,
+    group_indices,
+    left_pad,
+    prompt_token_lists,
+)
 from rlhf_fast.trainer.controllers import KLController, RunningMoments
 from rlhf_fast.trainer.distributed import all_reduce_sum, rank_and_world_size
 from rlhf_fast.trainer.logging import MetricsLogger, step_metrics
 from rlhf_fast.trainer.ppo_config import PPOConfig
 from rlhf_fast.trainer.ppo_step import Advantages, RolloutForward
 from rlhf_fast.trainer.rollout import Rollout, prompt_seeds
+from rlhf_fast.trainer.setup import build_policy_value, build_reward, plan_batches
+from rlhf_fast.trainer.signals import StopSignal
 
 
 def autocast_ctx(device: torch.device, bf16: bool, fp16: bool = False):
@@ -91,62 +100,16 @@ class PPOTrainer:
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.prompts = prompt_token_lists(train_dataset, self.tokenizer)
 
-        # ---- models: policy-value layout
-        model = args.sft_model_path if model is None else model
-        reward_model = args.reward_model_path if reward_model is None else reward_model
-        critic = args.critic
+        # ---- models: policy-value layout, reward adapter, batch sizes (TRL's definitions)
         self.log_messages: list[str] = []
-        if not args.uses_critic:
-            if value_model is not None:
-                raise ValueError(
-                    f"value_model given with advantage_estimator={args.advantage_estimator!r}: the critic-free "
-                    "estimators build no value model; pass value_model=None (or use advantage_estimator='gae')")
-            critic = "none"
-            self._note(f"advantage_estimator={args.advantage_estimator!r}: no critic is built (critic='none'), "
-                       f"{args.num_generations} responses per prompt")
-        elif critic == "auto":
-            critic = "separate" if value_model is not None else "shared"
-        if critic == "shared" and value_model is not None:
-            self._note("critic='shared': the value head sits on the policy backbone; the value_model passed "
-                       "to PPOTrainer is not trained (set critic='separate' to train it as the critic)")
-        elif critic == "shared":
-            self._note("critic='shared': one backbone for policy and value (value head on the policy)")
-        reference = args.reference
-        if reference == "auto":
-            reference = "lora" if peft_config is not None else ("none" if args.kl_coef == 0 and ref_model is None
-                                                                   else "frozen")
-        if peft_config is not None and reference != "lora":
-            raise ValueError(f"peft_config given with reference={reference!r}: LoRA training uses reference='lora'")
-        ref_dtype = self._reference_dtype(ref_model if ref_model is not None else model)
-        self.model = PolicyValueModel(
-            model, reference=reference, critic=critic,
-            critic_model=self._load_classifier(value_model) if critic == "separate" else None,
-            vf_coef=1.0,  # the trainer weights the value loss itself: loss = pg + vf_coef * vf (TRL)
-            lora_config=peft_config, reference_dtype=ref_dtype, reference_offload=args.reference_offload,
-            gradient_checkpointing=args.gradient_checkpointing, tokenizer=self.tokenizer,
-            temperature=max(args.temperature, 1e-7),
-        )
-        if ref_model is not None and reference == "frozen":
-            from rlhf_fast.models import FrozenReference, load_causal_lm
-
-            self.model.reference = FrozenReference(load_causal_lm(ref_model), ref_dtype, args.reference_offload)
+        layout = build_policy_value(args, args.sft_model_path if model is None else model, ref_model, value_model,
+                                    peft_config, self.tokenizer, self._note)
+        self.model, self.reference_mode, self.critic_mode = layout
         self.model.to(self.device)
-        self.reference_mode = reference
-        self.critic_mode = critic
-        if callable(reward_model) and not isinstance(reward_model, nn.Module):
-            from rlhf_fast.models.reward import CallableReward
-
-            self.reward = reward_model if isinstance(reward_model, CallableReward) \
-                else CallableReward(reward_model, allow_nonfinite=True)
-        else:
-            self.reward = make_reward(self._load_classifier(reward_model))
+        self.reward = build_reward(args.reward_model_path if reward_model is None else reward_model)
         if isinstance(getattr(self.reward, "model", None), nn.Module):
             self.reward.model.to(self.device)
-        if reference == "none" and args.kl_coef != 0:
-            raise ValueError(f"reference='none' but kl_coef={args.kl_coef}: set kl_coef=0 or use a reference")
-
-        # ---- batch sizes (TRL's definitions)
-        self._compute_batch_sizes()
+        self.prompts_per_step, self.sample_generations_freq = plan_batches(args, self.world_size, len(self.prompts))
         self.sampler = PromptSampler(len(self.prompts), self.prompts_per_step, args.seed, self.rank, self.world_size)
 
         # ---- distributed wrapping (FSDP2 replaces parameters: before the optimizer sees them)
@@ -200,52 +163,6 @@ class PPOTrainer:
                 raise ValueError("stop_token='eos' but the tokenizer has no eos_token_id")
             return int(self.tokenizer.eos_token_id)
         return a.stop_token_id
-
-    def _reference_dtype(self, source) -> torch.dtype:
-        choice = self.args.reference_dtype
-        if choice == "auto":
-            dt = getattr(source, "dtype", None)
-            return dt if isinstance(dt, torch.dtype) and dt in (torch.float32, torch.bfloat16, torch.float16) \
-                else torch.float32
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
-
-    def _load_classifier(self, model_or_path):
-        if model_or_path is None or isinstance(model_or_path, nn.Module):
-            return model_or_path
-        if isinstance(model_or_path, (str, os.PathLike)):
-            from transformers import AutoModelForSequenceClassification
-
-            if not os.path.isdir(model_or_path):
-                raise FileNotFoundError(
-                    f"reward/value model path {os.fspath(model_or_path)!r} is not a local directory (rlhf_fast "
-                    "loads models from local directories or in-memory objects)")
-            return AutoModelForSequenceClassification.from_pretrained(model_or_path, num_labels=1)
-        return model_or_path
-
-    def _compute_batch_sizes(self) -> None:
-        a = self.args
-        a.world_size = self.world_size
-        a.local_batch_size = a.per_device_train_batch_size * a.gradient_accumulation_steps
-        a.micro_batch_size = a.per_device_train_batch_size * a.world_size
-        a.batch_size = a.local_batch_size * a.world_size
-        if a.local_batch_size % a.num_mini_batches:
-            raise ValueError(f"local batch size ({a.local_batch_size} = per_device_train_batch_size x "
-                             f"gradient_accumulation_steps) must be a multiple of num_mini_batches ({a.num_mini_batches})")
-        a.mini_batch_size = a.batch_size // a.num_mini_batches
-        a.local_mini_batch_size = a.local_batch_size // a.num_mini_batches
-        # Group estimators: batches count completions (TRL GRPO), so one epoch over the prompts is
-        # len(prompts) x num_generations episodes. num_generations is 1 for GAE.
-        if a.local_batch_size % a.num_generations:
-            raise ValueError(f"local batch size ({a.local_batch_size} completions) must be a multiple of "
-                             f"num_generations ({a.num_generations})")
-        self.prompts_per_step = a.batch_size // a.num_generations
-        if a.total_episodes is None:
-            a.total_episodes = int(a.num_train_epochs * len(self.prompts) * a.num_generations)
-        a.num_total_batches = math.ceil(a.total_episodes / a.batch_size)
-        if a.max_steps and a.max_steps > 0:
-            a.num_total_batches = min(a.num_total_batches, a.max_steps)
-        self.sample_generations_freq = max(1, a.num_total_batches // a.num_sample_generations) \
-            if a.num_sample_generations > 0 else 0
 
     def _create_optimizer(self) -> torch.optim.Optimizer:
         a = self.args
@@ -317,11 +234,11 @@ class PPOTrainer:
         self._episodes_at_start = self.state.episode
         bar = tqdm(total=a.num_total_batches, initial=self.state.global_step, desc="PPO",
                    disable=a.disable_tqdm or not self.is_main, dynamic_ncols=True)
-        self._stop_signal = None
-        restore = self._install_signal_handlers()
+        self._stop = StopSignal(announce=self.is_main)
+        restore = self._stop.install()
         try:
             while self.state.global_step < a.num_total_batches:
-                if self._stop_requested():
+                if self._stop.requested():
                     self._stop_gracefully()
                     break
                 self.control = self.callback_handler.on_step_begin(a, self.state, self.control)
@@ -338,7 +255,7 @@ class PPOTrainer:
                 if self.control.should_training_stop:
                     break
             else:
-                if self._stop_requested():
+                if self._stop.requested():
                     self._stop_gracefully()
         finally:
             restore()
@@ -349,36 +266,6 @@ class PPOTrainer:
         self.logger.close()
 
     # ------------------------------------------------------------------ SIGTERM / Ctrl-C
-    def _install_signal_handlers(self):
-        """SIGTERM / SIGINT during a step: finish the step, save it, stop. A second SIGINT interrupts."""
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {}
-
-        def handler(signum, frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_signal = signal.Signals(signum).name
-            if self.is_main:
-                print(f"[rlhf_fast] {self._stop_signal} received: finishing the current step, then saving and "
-                      "stopping (Ctrl-C again to abort without saving)", flush=True)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-
-        def restore():
-            for sig, h in previous.items():
-                signal.signal(sig, h)
-
-        return restore
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
-        return bool(all_reduce_sum(flag)[0] > 0)  # every rank stops at the same step
-
     def _stop_gracefully(self) -> None:
         """Save the last completed step (unless saving is off or nothing was completed) and end training."""
         done = self.state.global_step
@@ -394,7 +281,7 @@ class PPOTrainer:
         self.control.should_save = False
         if self.is_main:
             what = f"checkpoint-{done} saved" if saved else "nothing saved"
-            print(f"[rlhf_fast] stopped after step {done} ({self._stop_signal or 'signal'}): {what}", flush=True)
+            print(f"[rlhf_fast] stopped after step {done} ({self._stop.name or 'signal'}): {what}", flush=True)
 
     def _save_checkpoint(self) -> None:
         from rlhf_fast.trainer.checkpoint import save_checkpoint
@@ -526,7 +413,9 @@ class PPOTrainer:
         # is the first update's forward (same weights, no dropout, one micro-batch = the whole batch).
         # The reference runs first, so its transient buffers never overlap the policy's graph.
         ref_fwd = ppo_step.rollout_forward(self.model, rollout, prompt_mask, need_policy=False, **kw)
-        return self._forward_with_grad(rollout, prompt_mask, ref_fwd.ref_logprobs)
+        self.model.train()
+        return ppo_step.rollout_forward_with_grad(self.ddp_model, rollout, prompt_mask, ref_fwd.ref_logprobs,
+                                                  temperature=kw["temperature"], autocast=self._autocast)
 
     def _should_log(self) -> bool:
         s = self.state
@@ -556,17 +445,8 @@ class PPOTrainer:
         return not (a.estimator_spec.kl_in_reward and self.reference_mode != "none")
 
     def _prompt_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.data_collator is not None and self.train_dataset is not None:
-            rows = [self.train_dataset[int(i)] for i in indices]
-            batch = self.data_collator([{"input_ids": r["input_ids"]} if "input_ids" in r else r for r in rows])
-            seqs = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
-        else:
-            seqs = [self.prompts[int(i)] for i in indices]
-        max_ctx = getattr(self.model.policy.config, "max_position_embeddings", None)
-        longest = max(len(s) for s in seqs)
-        if max_ctx is not None and longest + self.args.response_length > max_ctx:
-            raise ValueError(f"a prompt of {longest} tokens + response_length {self.args.response_length} exceeds "
-                             f"the model's context of {max_ctx} tokens: truncate prompts or lower response_length")
+        seqs = collate_prompts(indices, self.prompts, self.train_dataset, self.data_collator)
+        check_context(seqs, self.args.response_length, self.model.policy.config)
         return left_pad(seqs, self.pad_token_id, self.device)
 
     def _full_params(self):
@@ -590,21 +470,6 @@ class PPOTrainer:
         if a.per_device_train_batch_size < B or a.local_rollout_forward_batch_size < B:
             return False
         return self._dropout_free  # the model's dropout is fixed at construction: checked once there
-
-    def _forward_with_grad(self, rollout: Rollout, prompt_mask: torch.Tensor, ref_logprobs):
-        """The first update's forward over the whole batch (rows in order), with its graph kept.
-        Returns (RolloutForward of detached outputs padded to R, (ModelOutput, cols))."""
-        a = self.args
-        self.model.train()
-        ids, attn, start, cols = ppo_step.trim_batch(rollout.query_responses, prompt_mask, rollout.response_mask)
-        m = rollout.response_mask[:, :cols]
-        R = rollout.responses.shape[1]
-        with self._autocast():
-            out = self.ddp_model(ids, attn, response_start=start, return_entropy=True, return_values=True,
-                                 temperature=max(a.temperature, 1e-7))
-        fwd = RolloutForward(ppo_step.pad_right(out.logprobs.detach().float() * m, R), ref_logprobs,
-                             ppo_step.pad_right(out.values.detach().float() * m, R))
-        return fwd, (out, cols)
 
     def _update(self, rollout: Rollout, prompt_mask: torch.Tensor, fwd: RolloutForward, adv: Advantages,
                 first_out=None):

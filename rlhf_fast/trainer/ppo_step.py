@@ -35,9 +35,9 @@ from rlhf_fast.trainer.logging import StepStats
 from rlhf_fast.trainer.rollout import Rollout, generate
 
 __all__ = [
-    "RolloutForward", "Advantages", "generate_rollout", "score_rollout", "trim_batch", "pad_right", "rollout_forward",
-    "compute_advantages", "compute_group_advantages", "ppo_update", "micro_step",
-    "clip_grad_norm",
+    "RolloutForward", "Advantages", "generate_rollout", "score_rollout", "trim_batch", "pad_right",
+    "rollout_forward", "rollout_forward_with_grad", "compute_advantages", "compute_group_advantages",
+    "ppo_update", "micro_step", "clip_grad_norm",
 ]
 
 
@@ -156,6 +156,25 @@ def rollout_forward(model: PolicyValueModel, rollout: Rollout, prompt_mask: torc
             refs.append(pad_right(ref.float() * m, R))
     return RolloutForward(torch.cat(lps) if need_policy else None, torch.cat(refs) if need_reference else None,
                           torch.cat(vals) if with_values else None)
+
+
+def rollout_forward_with_grad(model, rollout: Rollout, prompt_mask: torch.Tensor, ref_logprobs: torch.Tensor | None, *,
+                              temperature: float, autocast=contextlib.nullcontext):
+    """The first update's forward over the whole batch (rows in order), with its graph kept, standing in
+    for the rollout forward when the first update is one micro-batch of the whole batch on dropout-free
+    weights (then both compute the same log-probs and values).
+
+    Returns (RolloutForward of detached fp32 [B, R] outputs, (ModelOutput, cols)) for ``ppo_update``'s
+    ``first_out``."""
+    ids, attn, start, cols = trim_batch(rollout.query_responses, prompt_mask, rollout.response_mask)
+    m = rollout.response_mask[:, :cols]
+    R = rollout.responses.shape[1]
+    with autocast():
+        out = model(ids, attn, response_start=start, return_entropy=True, return_values=True,
+                    temperature=temperature)
+    fwd = RolloutForward(pad_right(out.logprobs.detach().float() * m, R), ref_logprobs,
+                         pad_right(out.values.detach().float() * m, R))
+    return fwd, (out, cols)
 
 
 # =============================================================================== 4. advantages

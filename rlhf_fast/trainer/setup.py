@@ -1,0 +1,135 @@
+"""PPOTrainer's construction-time decisions as functions: the policy-value layout, the reward adapter,
+and TRL's batch arithmetic. Each returns what it decided; the trainer only stores it."""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from rlhf_fast.models import PolicyValueModel, make_reward
+
+__all__ = ["ModelLayout", "build_policy_value", "build_reward", "load_classifier", "reference_dtype",
+           "BatchPlan", "plan_batches"]
+
+
+class ModelLayout(NamedTuple):
+    model: PolicyValueModel
+    reference_mode: str  # "frozen" | "lora" | "none"
+    critic_mode: str  # "shared" | "separate" | "none"
+
+
+def reference_dtype(choice: str, source) -> torch.dtype:
+    """``reference_dtype`` config choice -> torch dtype; "auto" keeps ``source``'s dtype (fp32 otherwise)."""
+    if choice == "auto":
+        dt = getattr(source, "dtype", None)
+        return dt if isinstance(dt, torch.dtype) and dt in (torch.float32, torch.bfloat16, torch.float16) \
+            else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+def load_classifier(model_or_path):
+    """A sequence-classification model (num_labels=1) from a local directory; modules and None pass through."""
+    if model_or_path is None or isinstance(model_or_path, nn.Module):
+        return model_or_path
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from transformers import AutoModelForSequenceClassification
+
+        if not os.path.isdir(model_or_path):
+            raise FileNotFoundError(
+                f"reward/value model path {os.fspath(model_or_path)!r} is not a local directory (rlhf_fast "
+                "loads models from local directories or in-memory objects)")
+        return AutoModelForSequenceClassification.from_pretrained(model_or_path, num_labels=1)
+    return model_or_path
+
+
+def build_policy_value(args, model, ref_model, value_model, peft_config, tokenizer,
+                       note: Callable[[str], None]) -> ModelLayout:
+    """The policy-value layout PPOConfig asks for: critic "shared" / "separate" / "none" (from the
+    estimator's spec when "auto"), reference "frozen" / "lora" / "none" (from peft_config and kl_coef when
+    "auto"). ``note`` receives one line per decision a user should see."""
+    critic = args.critic
+    if not args.uses_critic:
+        if value_model is not None:
+            raise ValueError(
+                f"value_model given with advantage_estimator={args.advantage_estimator!r}: the critic-free "
+                "estimators build no value model; pass value_model=None (or use advantage_estimator='gae')")
+        critic = "none"
+        note(f"advantage_estimator={args.advantage_estimator!r}: no critic is built (critic='none'), "
+             f"{args.num_generations} responses per prompt")
+    elif critic == "auto":
+        critic = "separate" if value_model is not None else "shared"
+    if critic == "shared" and value_model is not None:
+        note("critic='shared': the value head sits on the policy backbone; the value_model passed "
+             "to PPOTrainer is not trained (set critic='separate' to train it as the critic)")
+    elif critic == "shared":
+        note("critic='shared': one backbone for policy and value (value head on the policy)")
+    reference = args.reference
+    if reference == "auto":
+        reference = "lora" if peft_config is not None else ("none" if args.kl_coef == 0 and ref_model is None
+                                                               else "frozen")
+    if peft_config is not None and reference != "lora":
+        raise ValueError(f"peft_config given with reference={reference!r}: LoRA training uses reference='lora'")
+    if reference == "none" and args.kl_coef != 0:
+        raise ValueError(f"reference='none' but kl_coef={args.kl_coef}: set kl_coef=0 or use a reference")
+    ref_dtype = reference_dtype(args.reference_dtype, ref_model if ref_model is not None else model)
+    pv = PolicyValueModel(
+        model, reference=reference, critic=critic,
+        critic_model=load_classifier(value_model) if critic == "separate" else None,
+        vf_coef=1.0,  # the trainer weights the value loss itself: loss = pg + vf_coef * vf (TRL)
+        lora_config=peft_config, reference_dtype=ref_dtype, reference_offload=args.reference_offload,
+        gradient_checkpointing=args.gradient_checkpointing, tokenizer=tokenizer,
+        temperature=max(args.temperature, 1e-7),
+    )
+    if ref_model is not None and reference == "frozen":
+        from rlhf_fast.models import FrozenReference, load_causal_lm
+
+        pv.reference = FrozenReference(load_causal_lm(ref_model), ref_dtype, args.reference_offload)
+    return ModelLayout(pv, reference, critic)
+
+
+def build_reward(reward_model) -> Any:
+    """A reward adapter: callables ``(prompts, completions) -> scores`` (non-finite scores allowed through,
+    the trainer skips such steps), or a sequence-classification model / local path."""
+    if callable(reward_model) and not isinstance(reward_model, nn.Module):
+        from rlhf_fast.models.reward import CallableReward
+
+        return reward_model if isinstance(reward_model, CallableReward) \
+            else CallableReward(reward_model, allow_nonfinite=True)
+    return make_reward(load_classifier(reward_model))
+
+
+class BatchPlan(NamedTuple):
+    prompts_per_step: int  # global prompts per step (batch_size / num_generations)
+    sample_generations_freq: int  # steps between generate_completions samples (0: never)
+
+
+def plan_batches(args, world_size: int, num_prompts: int) -> BatchPlan:
+    """TRL 1.12's batch arithmetic, written onto ``args`` as TRL does: world_size, local_batch_size,
+    micro_batch_size, batch_size, mini_batch_size, local_mini_batch_size, total_episodes, num_total_batches.
+
+    Group estimators count completions (TRL GRPO): one epoch over the prompts is num_prompts x
+    num_generations episodes (num_generations is 1 for GAE)."""
+    a = args
+    a.world_size = world_size
+    a.local_batch_size = a.per_device_train_batch_size * a.gradient_accumulation_steps
+    a.micro_batch_size = a.per_device_train_batch_size * a.world_size
+    a.batch_size = a.local_batch_size * a.world_size
+    if a.local_batch_size % a.num_mini_batches:
+        raise ValueError(f"local batch size ({a.local_batch_size} = per_device_train_batch_size x "
+                         f"gradient_accumulation_steps) must be a multiple of num_mini_batches ({a.num_mini_batches})")
+    a.mini_batch_size = a.batch_size // a.num_mini_batches
+    a.local_mini_batch_size = a.local_batch_size // a.num_mini_batches
+    if a.local_batch_size % a.num_generations:
+        raise ValueError(f"local batch size ({a.local_batch_size} completions) must be a multiple of "
+                         f"num_generations ({a.num_generations})")
+    if a.total_episodes is None:
+        a.total_episodes = int(a.num_train_epochs * num_prompts * a.num_generations)
+    a.num_total_batches = math.ceil(a.total_episodes / a.batch_size)
+    if a.max_steps and a.max_steps > 0:
+        a.num_total_batches = min(a.num_total_batches, a.max_steps)
+    freq = max(1, a.num_total_batches // a.num_sample_generations) if a.num_sample_generations > 0 else 0
+    return BatchPlan(a.batch_size // a.num_generations, freq)
