@@ -33,7 +33,7 @@ def assert_close(actual, expected, dtype=torch.float32, msg=""):
 
 
 def assert_low_precision_rule(kernel_out, ref_fp32, ref_low, slack=1e-6):
-    """DESIGN.md rule: a kernel's error against an fp32 reference is at most 2x the error of the
+    """docs/design.md rule: a kernel's error against an fp32 reference is at most 2x the error of the
     torch reference run in the same low dtype (plus a tiny absolute slack for exact ties)."""
     k_err = (kernel_out.float() - ref_fp32.float()).abs().max().item()
     r_err = (ref_low.float() - ref_fp32.float()).abs().max().item()

@@ -31,7 +31,6 @@ computes exactly what it computes without padding.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -430,11 +429,3 @@ class PolicyValueModel(nn.Module):
             self.reference.model.eval()  # never in train mode
         return self
 
-
-def warn_if_kl_without_reference(reference: str, kl_coef: float) -> None:
-    """Helper for trainers: reference='none' with a non-zero KL coefficient is a configuration mistake."""
-    if reference == "none" and kl_coef != 0:
-        warnings.warn(
-            f"reference='none' but kl_coef={kl_coef}: no KL penalty can be computed; set kl_coef=0 or "
-            f"reference='frozen'/'lora'", UserWarning, stacklevel=2,
-        )

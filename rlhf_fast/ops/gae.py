@@ -1,4 +1,4 @@
-"""Generalised advantage estimation as one fused reverse scan (DESIGN.md "Semantics we pin").
+"""Generalised advantage estimation as one fused reverse scan (docs/design.md "Semantics we pin").
 
 For each row, walking t from T-1 down to 0 over the **valid** positions only:
 

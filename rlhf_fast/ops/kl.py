@@ -1,4 +1,4 @@
-"""KL penalty estimators and per-token rewards (DESIGN.md "Semantics we pin").
+"""KL penalty estimators and per-token rewards (docs/design.md "Semantics we pin").
 
 kl_penalty(logprobs, ref_logprobs, estimator, clamp): per-token estimate of KL(policy || ref) from
 the log-ratio r = logp - ref_logp:

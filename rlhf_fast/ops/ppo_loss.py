@@ -2,7 +2,7 @@
 
 All per-token inputs are [B, T] (B sequences, T response positions) with a 0/1 ``mask`` [B, T].
 
-Policy loss, per valid token (DESIGN.md "Semantics we pin"):
+Policy loss, per valid token (docs/design.md "Semantics we pin"):
     log_ratio = logp - old_logp;   ratio = exp(clamp(log_ratio, -20, 20))
     unclipped = -A * ratio;        clipped = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)
     loss = max(unclipped, clipped)

@@ -1,4 +1,4 @@
-"""Masked whitening over the global batch (DESIGN.md "Semantics we pin").
+"""Masked whitening over the global batch (docs/design.md "Semantics we pin").
 
     μ = Σ m·x / n            σ² = Σ m·(x - μ)² / (n - 1)   (Bessel)          s = rsqrt(σ² + 1e-8)
     shift_mean=True:  y = (x - μ)·s

@@ -185,7 +185,7 @@ def compute_advantages(fwd: RolloutForward, scores: torch.Tensor, response_mask:
     """Token rewards, advantages and returns, all fp32 [B, R], by the registered ``estimator``.
 
     scores fp32 [B]; response_mask [B, R]. With a critic (GAE): rewards = -kl_coef x kl (``kl_estimator``)
-    on every valid token plus the score on the last valid one (DESIGN.md), optionally whitened (mean
+    on every valid token plus the score on the last valid one (docs/design.md), optionally whitened (mean
     kept), then the estimator on rewards and fwd.values, then advantages whitened over the global batch.
     Critic-free: see ``compute_group_advantages``."""
     spec = get_estimator_spec(estimator)

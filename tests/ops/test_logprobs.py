@@ -67,7 +67,7 @@ def check_against_reference(backend, N, H, V, dtype, T=1.0, bias=True, entropy=T
     valid = y != ignore_index
     assert torch.equal(got[0][~valid], torch.zeros(int((~valid).sum())))
     assert torch.all(got[2][0][~valid] == 0), "ignored rows must get no gradient"
-    if dtype != torch.float32:  # DESIGN.md low-precision rule against the torch reference run in `dtype`
+    if dtype != torch.float32:  # docs/design.md low-precision rule against the torch reference run in `dtype`
         low = _run(fused_linear_logprobs_reference, h, w, b, y, gl, ge, **kw)
         assert_low_precision_rule(got[0], ref[0], low[0])
         if entropy:
