@@ -20,7 +20,8 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import append_rows, make_row, mark_baseline, print_table, ratio, run_isolated, time_fn
+from benchmarks.common import append_rows, make_row, print_table, ratio
+from rlhf_fast.measure import mark_baseline, run_isolated, time_fn
 
 PROVIDERS = ("naive", "logsumexp", "liger", "rlhf_fast")
 # fp32 [N, V] copies alive at the peak of forward + backward for the materialising sides:
