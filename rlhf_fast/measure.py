@@ -15,7 +15,8 @@ commands of the installed package can both use it.
   calls ``mark_baseline(device)`` after building its inputs.
 - ``run_timed_and_measured``: the same side twice on CPU, time with the default allocator and memory
   with the mmap threshold.
-- ``device_name(device)`` and ``versions()``: what a result row records about the machine.
+- ``device_name(device)`` and ``versions()``: what a result row records about the machine;
+  ``available_bytes(device)``: free memory, to refuse a run that cannot fit before starting it.
 """
 from __future__ import annotations
 
@@ -60,6 +61,19 @@ def versions() -> dict:
         tv = "-"
     package = sys.modules.get(__package__ or "")  # rlhf_fast, imported before any of its submodules
     return {"torch": torch.__version__, "triton": tv, "rlhf_fast": getattr(package, "__version__", "-")}
+
+
+def available_bytes(device: str = "cpu") -> int | None:
+    """Free bytes on ``device``: CUDA free memory, or MemAvailable from /proc/meminfo on CPU (None if unknown)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        m = re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
 
 
 # ----------------------------------------------------------------------------- timing
@@ -213,7 +227,7 @@ def run_timed_and_measured(target: str, device: str = "cpu", **kwargs) -> dict:
     return {**timed, "mem_bytes": measured["mem_bytes"]}
 
 
-__all__ = ["device_name", "versions", "time_fn", "mark_baseline", "peak_above_baseline", "run_isolated",
+__all__ = ["device_name", "versions", "available_bytes", "time_fn", "mark_baseline", "peak_above_baseline", "run_isolated",
            "run_timed_and_measured"]
 
 
