@@ -74,7 +74,7 @@ def memory_side(provider: str, B: int, T: int, device: str = "cpu") -> dict:
 
 def tracked_memory(provider: str, B: int, T: int, device: str = "cpu") -> dict:
     """Allocation tracker over one step: tensors created beyond the inputs (allocator-independent)."""
-    from rlhf_fast.testing import AllocationTracker
+    from rlhf_fast.memory.tracker import AllocationTracker
 
     inp = make_inputs(B, T, device)
     step, _ = step_fn(provider, inp)
