@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(PY) -m rlhf_fast.cli pipeline --config configs/demo.yaml
 
 bench: $(STAMP)
-	$(PY) -m rlhf_fast.cli bench
+	$(PY) -m benchmarks.run_all
 
 kernel-report: $(STAMP)
 	$(PY) -m rlhf_fast.testing.aot --write benchmarks/results/kernel_resources.md

@@ -49,10 +49,10 @@ from benchmarks.common import (
     make_row,
     print_table,
     ratio,
-    run_timed_and_measured,
     tiny_qwen2_config,
     word_tokenizer,
 )
+from rlhf_fast.measure import run_timed_and_measured
 
 try:  # imported before the memory baseline, so both sides carry the same libraries
     import torch

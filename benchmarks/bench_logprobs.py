@@ -15,22 +15,16 @@ The big case (N=16384, V=152064, H=512: ~10 TB-scale flops on CPU, minutes) runs
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
-from pathlib import Path
 
-from benchmarks.common import append_rows, make_row, mark_baseline, print_table, ratio, run_isolated, time_fn
+from benchmarks.common import append_rows, make_row, print_table, ratio
+from rlhf_fast.measure import available_bytes, mark_baseline, run_isolated, time_fn
 
 PROVIDERS = ("naive", "logsumexp", "liger", "rlhf_fast")
 # fp32 [N, V] copies alive at the peak of forward + backward for the materialising sides:
 # logits, log_softmax (or logsumexp temporaries), and the grad_logits of the backward.
 NV_COPIES = {"naive": 3, "logsumexp": 3, "liger": 0, "rlhf_fast": 0}
-
-
-def mem_available_bytes() -> int:
-    m = re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text())
-    return int(m.group(1)) * 1024 if m else 0
 
 
 def side(provider: str, N: int, H: int, V: int, device: str = "cpu", dtype: str = "float32",
@@ -41,7 +35,7 @@ def side(provider: str, N: int, H: int, V: int, device: str = "cpu", dtype: str 
     tdtype = getattr(torch, dtype)
     need = (NV_COPIES[provider] if mode == "fwd+bwd" else 2) * N * V * 4 * bool(NV_COPIES[provider])
     if device == "cpu" and need:
-        avail = mem_available_bytes()
+        avail = available_bytes("cpu") or 0
         if need > avail:
             return {"error": f"refused: would need {need / 1e9:.1f} GB ({need // (N * V * 4)} fp32 [N, V] copies) "
                              f"> available {avail / 1e9:.1f} GB"}

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import append_rows, make_row, mark_baseline, print_table, ratio, run_isolated, time_fn
+from benchmarks.common import append_rows, make_row, print_table, ratio
+from rlhf_fast.measure import mark_baseline, run_isolated, time_fn
 
 
 def side(provider: str, B: int, T: int, device: str = "cpu", dtype: str = "float32") -> dict:

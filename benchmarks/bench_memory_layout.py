@@ -5,7 +5,7 @@
 One step = reference forward (no grad) + two policy/value forward-backward-AdamW micro-steps (the
 second runs with the AdamW state already allocated, which is the steady state of a run). Memory is the
 peak above the post-import baseline, so weights, gradients, optimizer state and activations all count;
-each side runs in its own process (benchmarks.common.run_isolated). torch, transformers and the Qwen2
+each side runs in its own process (rlhf_fast.measure.run_isolated). torch, transformers and the Qwen2
 modeling module are imported at module level (part of the baseline), and each side first runs its own
 step once on a toy model (hidden 16, vocab 64) before re-marking the baseline, so per-process one-time
 costs (code pages of the kernels it calls, ~8 MiB of file-backed RSS for a first Qwen2 forward; thread
@@ -35,8 +35,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config
 from transformers.models.qwen2 import modeling_qwen2  # noqa: F401  (transformers imports it lazily)
 
-from benchmarks.common import append_rows, make_row, mark_baseline, print_table, ratio, run_isolated, time_fn
+from benchmarks.common import append_rows, make_row, print_table, ratio
 from rlhf_fast import memory
+from rlhf_fast.measure import mark_baseline, run_isolated, time_fn
 from rlhf_fast.models import PolicyValueModel, position_ids_from_mask
 
 TEMPERATURE = 0.7

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import append_rows, make_row, mark_baseline, print_table, ratio, run_isolated, time_fn
+from benchmarks.common import append_rows, make_row, print_table, ratio
+from rlhf_fast.measure import mark_baseline, run_isolated, time_fn
 
 BYTES_PER_TOKEN = 2 * (13 + 17)
 
@@ -73,7 +74,7 @@ def memory_side(provider: str, B: int, T: int, device: str = "cpu") -> dict:
 
 def tracked_memory(provider: str, B: int, T: int, device: str = "cpu") -> dict:
     """Allocation tracker over one step: tensors created beyond the inputs (allocator-independent)."""
-    from rlhf_fast.testing import AllocationTracker
+    from rlhf_fast.memory.tracker import AllocationTracker
 
     inp = make_inputs(B, T, device)
     step, _ = step_fn(provider, inp)

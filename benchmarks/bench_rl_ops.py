@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import append_rows, make_row, mark_baseline, print_table, ratio, run_isolated, time_fn
+from benchmarks.common import append_rows, make_row, print_table, ratio
+from rlhf_fast.measure import mark_baseline, run_isolated, time_fn
 
 GAE_BYTES_PER_TOKEN = 4 + 4 + 1 + 4 + 4  # rewards, values, mask in; advantages, returns out
 GAE_TARGET_SPEEDUP = 50.0

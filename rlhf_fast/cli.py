@@ -217,36 +217,7 @@ register_stage_command(
 register_command("pipeline", "the whole RLHF pipeline: SFT -> reward model -> PPO -> report (make demo)",
                  _configure_pipeline, run_pipeline_command)
 register_command("memory", "will PPO on this model fit on my GPUs? per-GPU bytes by component, four-model vs shared layout",
-                 lambda parser: _resolve("rlhf_fast.profiler:configure")(parser), "rlhf_fast.profiler:run")
-
-
-
-def _configure_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--full", action="store_true", help="GPU-sized shapes and more steps")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these bench_* modules")
-
-
-def run_bench_command(args) -> int:
-    """Run the benchmark suite from a checkout (benchmarks/ sits beside the package)."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "run_all.py").is_file():
-        print("rlhf-fast bench: the benchmark scripts live in the source checkout (benchmarks/), which this "
-              "installed wheel does not include: git clone the repository and run `make bench` there", file=sys.stderr)
-        return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks import run_all
-
-    argv = ["--device", args.device] + (["--full"] if args.full else []) + (["--only", *args.only] if args.only else [])
-    run_all.main(argv)
-    return 0
-
-
-register_command("bench", "run the benchmark suite (quick CPU mode; --full for GPUs) and write SUMMARY.md",
-                 _configure_bench, run_bench_command)
+                 lambda parser: _resolve("rlhf_fast.memory.command:configure")(parser), "rlhf_fast.memory.command:run")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
-"""The benchmark helper: isolated sides report time and memory; rows land in the CSV; plots render."""
+"""The measurement helpers (rlhf_fast.measure): isolated sides report time and memory; and the benchmarks'
+own helper (benchmarks.common): rows land in the CSV; plots render."""
 import csv
 
 from benchmarks import common
+from rlhf_fast import measure
 
 
 def alloc_side(mib: int, device: str = "cpu") -> dict:
     import torch
 
-    common.mark_baseline(device)
+    measure.mark_baseline(device)
     buf = torch.ones(mib * 2**20 // 4)  # touched, so it is resident
-    return {"sum": float(buf[:10].sum()), **common.time_fn(lambda: buf.add_(0), warmup=1, repeats=3)}
+    return {"sum": float(buf[:10].sum()), **measure.time_fn(lambda: buf.add_(0), warmup=1, repeats=3)}
 
 
 def failing_side(device: str = "cpu") -> dict:
@@ -17,20 +19,27 @@ def failing_side(device: str = "cpu") -> dict:
 
 
 def test_isolated_side_measures_memory_above_baseline():
-    small = common.run_isolated("tests.test_benchmark_helper:alloc_side", mib=8)
-    big = common.run_isolated("tests.test_benchmark_helper:alloc_side", mib=96)
+    small = measure.run_isolated("tests.test_benchmark_helper:alloc_side", mib=8)
+    big = measure.run_isolated("tests.test_benchmark_helper:alloc_side", mib=96)
     assert small["sum"] == 10.0 and small["time_ms"] > 0
     assert 6 * 2**20 <= small["mem_bytes"] <= 40 * 2**20, small
     assert 90 * 2**20 <= big["mem_bytes"] <= 140 * 2**20, big
 
 
 def test_failed_side_reports_an_error_instead_of_raising():
-    res = common.run_isolated("tests.test_benchmark_helper:failing_side")
+    res = measure.run_isolated("tests.test_benchmark_helper:failing_side")
     assert "error" in res and "pretend out of memory" in res["error"]
 
 
+def test_isolated_benchmark_side_runs_from_any_directory(tmp_path, monkeypatch):
+    """The child imports rlhf_fast.measure and the benchmarks package wherever the caller runs."""
+    monkeypatch.chdir(tmp_path)
+    res = measure.run_isolated("benchmarks.bench_masked_mean:side", provider="rlhf_fast", B=4, T=64)
+    assert "error" not in res and res["time_ms"] > 0 and res["mem_bytes"] >= 0, res
+
+
 def test_time_fn_percentiles_are_ordered():
-    r = common.time_fn(lambda: sum(range(1000)), warmup=1, repeats=9)
+    r = measure.time_fn(lambda: sum(range(1000)), warmup=1, repeats=9)
     assert r["time_p20_ms"] <= r["time_ms"] <= r["time_p80_ms"] and r["repeats"] >= 9
 
 

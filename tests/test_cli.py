@@ -68,6 +68,15 @@ def test_unknown_command_suggests(capsys):
     assert "unknown command 'sfy'. Did you mean 'sft'?" in capsys.readouterr().err
 
 
+def test_bench_is_not_a_command(capsys):
+    """The benchmarks live in the checkout, not the wheel: `make bench` / `python -m benchmarks.run_all`."""
+    assert "bench" not in cli.COMMANDS
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench"])
+    assert e.value.code == 2
+    assert "unknown command 'bench'" in capsys.readouterr().err
+
+
 def test_register_command_and_stage_command(capsys, tmp_path):
     from dataclasses import dataclass
 

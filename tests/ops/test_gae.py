@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rlhf_fast import _backend
+from rlhf_fast.memory.tracker import AllocationTracker
 from rlhf_fast.ops.gae import GAEOutput, gae, gae_reference
-from rlhf_fast.testing import AllocationTracker
 from tests.utils import assert_close
 
 needs_ext = pytest.mark.skipif(not _backend.HAS_EXT, reason="extension not built (RLHF_FAST_NO_EXT run)")

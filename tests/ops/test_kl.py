@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rlhf_fast import _backend
+from rlhf_fast.memory.tracker import AllocationTracker
 from rlhf_fast.ops.kl import (
     KL_ESTIMATORS,
     kl_penalty,
@@ -12,7 +13,6 @@ from rlhf_fast.ops.kl import (
     token_rewards,
     token_rewards_reference,
 )
-from rlhf_fast.testing import AllocationTracker
 from tests.utils import assert_close
 
 needs_ext = pytest.mark.skipif(not _backend.HAS_EXT, reason="extension not built (RLHF_FAST_NO_EXT run)")

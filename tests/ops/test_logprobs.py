@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf_fast import _backend
+from rlhf_fast.memory.tracker import AllocationTracker
 from rlhf_fast.ops import (
     fused_linear_logprobs,
     fused_linear_logprobs_reference,
@@ -17,7 +18,6 @@ from rlhf_fast.ops import (
     logprobs_from_logits_reference,
 )
 from rlhf_fast.ops.logprobs import default_chunk_size
-from rlhf_fast.testing import AllocationTracker
 from tests.utils import assert_close, assert_low_precision_rule
 
 CPU_BACKENDS = ["torch"] + (["cpp"] if _backend.HAS_EXT else [])

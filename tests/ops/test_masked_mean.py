@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from rlhf_fast import _backend
+from rlhf_fast.memory.tracker import AllocationTracker
 from rlhf_fast.ops import masked_mean, masked_mean_reference
-from rlhf_fast.testing import AllocationTracker
 from tests.utils import ALL_DTYPES, CPU_BACKENDS, assert_close
 
 SHAPES = [(1,), (7,), (1, 1), (3, 37), (5, 1), (4, 3, 2100), (2, 0)]

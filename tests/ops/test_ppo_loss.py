@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhf_fast import _backend
+from rlhf_fast.memory.tracker import AllocationTracker
 from rlhf_fast.ops.ppo_loss import (
     AGG_MODES,
     PPOPolicyLossFunction,
@@ -16,7 +17,6 @@ from rlhf_fast.ops.ppo_loss import (
     value_loss,
     value_loss_reference,
 )
-from rlhf_fast.testing import AllocationTracker
 from tests.utils import assert_close, assert_low_precision_rule
 
 needs_ext = pytest.mark.skipif(not _backend.HAS_EXT, reason="extension not built (RLHF_FAST_NO_EXT run)")

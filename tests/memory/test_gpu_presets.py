@@ -1,5 +1,5 @@
 """The GPU-node presets in configs/: every ppo: key is a PPOConfig field with a valid value, and the memory
-accounting (rlhf_fast.profiler, as our trainer runs the config) says each fits on its stated node."""
+accounting (rlhf_fast.memory, as our trainer runs the config) says each fits on its stated node."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_fast import profiler
+from rlhf_fast import memory
 from rlhf_fast.config import load_stage_config
 from rlhf_fast.trainer.ppo_config import PPOConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = {
     # file: (architecture preset, GPUs, reference mode, FSDP)
     "qwen2.5-0.5b-1gpu.yaml": ("qwen2.5-0.5b", 1, "frozen", False),
@@ -41,29 +41,29 @@ def test_preset_parses_and_says_what_its_name_says(name):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_fits_on_its_node(name):
     cfg, mem = _load(name)
-    spec, setup, gpu_mem = profiler.setup_from_ppo_config(cfg, mem)
+    spec, setup, gpu_mem = memory.setup_from_ppo_config(cfg, mem)
     assert setup.fsdp == PRESETS[name][3] and setup.gpus == PRESETS[name][1]
-    shape = profiler.model_shape(profiler.build_meta_model(profiler.load_model_config(spec)))
-    pred = profiler.predict(shape, setup)
+    shape = memory.model_shape(memory.build_meta_model(memory.load_model_config(spec)))
+    pred = memory.predict(shape, setup)
     assert pred.peak_bytes <= 0.9 * gpu_mem, (  # 10% left for the CUDA context and fragmentation
         f"{name}: predicted {pred.peak_bytes / 2**30:.1f} GiB per GPU of {gpu_mem / 2**30:.1f} GiB")
 
 
 def test_the_lora_preset_would_not_fit_as_a_full_finetune():
     cfg, mem = _load("llama3-8b-lora-1gpu.yaml")
-    spec, setup, gpu_mem = profiler.setup_from_ppo_config(cfg, mem)
-    shape = profiler.model_shape(profiler.build_meta_model(profiler.load_model_config(spec)))
+    spec, setup, gpu_mem = memory.setup_from_ppo_config(cfg, mem)
+    shape = memory.model_shape(memory.build_meta_model(memory.load_model_config(spec)))
     import dataclasses
 
     full = dataclasses.replace(setup, reference="frozen")
-    assert profiler.predict(shape, full).peak_bytes > gpu_mem  # the preset's LoRA choice is what makes it fit
+    assert memory.predict(shape, full).peak_bytes > gpu_mem  # the preset's LoRA choice is what makes it fit
 
 
 def test_memory_section_is_required_and_reference_dtype_checked():
     cfg, mem = _load("qwen2.5-0.5b-1gpu.yaml")
     with pytest.raises(ValueError, match="memory: section needs gpu_mem"):
-        profiler.setup_from_ppo_config(cfg, {k: v for k, v in mem.items() if k != "gpu_mem"})
+        memory.setup_from_ppo_config(cfg, {k: v for k, v in mem.items() if k != "gpu_mem"})
     cfg32 = load_stage_config(PPOConfig, CONFIGS / "qwen2.5-0.5b-1gpu.yaml", "ppo",
                               ["use_cpu=true", "reference_dtype=fp32"])
     with pytest.raises(ValueError, match="reference_dtype must be 'bf16'"):
-        profiler.setup_from_ppo_config(cfg32, mem)
+        memory.setup_from_ppo_config(cfg32, mem)

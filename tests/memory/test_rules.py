@@ -1,4 +1,4 @@
-"""rlhf_fast.memory predicts exactly the bytes torch allocates for parameters, gradients and AdamW state."""
+"""rlhf_fast.memory.rules predicts exactly the bytes torch allocates for parameters, gradients and AdamW state."""
 from __future__ import annotations
 
 import pytest

@@ -1,7 +1,9 @@
 """Allocation tracker: a TorchDispatchMode that records the bytes of every tensor an op creates.
 
 Independent of any allocator (CPU, CUDA, or the Triton interpreter), it proves memory claims such
-as "no backend of the fused log-prob op creates a tensor larger than chunk x V elements". It
+as "no backend of the fused log-prob op creates a tensor larger than chunk x V elements" (the tests
+and benchmarks), and it counts the bytes of the measured PPO micro-step of ``rlhf-fast memory
+--measure`` (``StorageTracker``, ``rlhf_fast.memory.micro_step``). It
 sees tensors created by aten ops dispatched inside the block (including inside autograd
 backward); a C++ or Triton kernel writes into tensors the Python wrapper allocated through aten,
 so those are seen too.
@@ -94,3 +96,33 @@ class AllocationTracker(TorchDispatchMode):
 
     def largest(self, k: int = 5) -> list[Allocation]:
         return sorted(self.allocations, key=lambda a: -a.nbytes)[:k]
+
+
+class StorageTracker(AllocationTracker):
+    """AllocationTracker that also remembers which storage (data pointer) each recorded allocation made,
+    so the bytes of tensors still held at the end (parameters, gradients, optimizer state) can be
+    summed from the tracker's own records: autograd-created gradients have no long-lived Python
+    object, so the base class's live counter does not see them."""
+
+    def __init__(self):
+        super().__init__()
+        self.created: dict[int, int] = {}  # data_ptr -> nbytes of the newest allocation there
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        n = len(self.allocations)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if len(self.allocations) > n:
+            for t in tree_flatten(out)[0]:
+                if hasattr(t, "untyped_storage"):
+                    st = t.untyped_storage()
+                    if st.data_ptr() != 0:
+                        self.created[st.data_ptr()] = st.nbytes()
+        return out
+
+    def bytes_of(self, tensors) -> int:
+        """Recorded bytes of the distinct storages behind ``tensors`` (ones it did not see count 0)."""
+        ptrs = {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+        return sum(self.created.get(p, 0) for p in ptrs)
+
+
+__all__ = ["Allocation", "AllocationTracker", "StorageTracker"]
