@@ -52,9 +52,7 @@ from rlhf_fast.models.loading import get_backbone, get_lm_head
 from rlhf_fast.reward import preference_rows
 from rlhf_fast.sft import (
     DEMO,
-    MetricsWriter,
     StageTrainingArgs,
-    autocast_context,
     check_training_fields,
     resolve_device,
     response_logprobs,
@@ -63,6 +61,8 @@ from rlhf_fast.sft import (
     with_stage_tokenizer,
 )
 from rlhf_fast.stage_io import StageDirectory, StageNotFinishedError, require_finished_stage
+from rlhf_fast.trainer.logging import MetricsLogger
+from rlhf_fast.trainer.optim import autocast_ctx
 
 __all__ = [
     "DPOConfig", "DPOTrainer", "DPOResult", "DPOExample", "DPOLossOutput", "dpo_loss", "sequence_logps",
@@ -223,7 +223,7 @@ def compute_reference_logps(model: nn.Module, examples: list[DPOExample], pad_id
     backbone, head = get_backbone(model), get_lm_head(model)
     for indices in length_grouped_batches(_pair_lengths(examples), batch_size, shuffle=False):
         batch = {k: v.to(device, non_blocking=True) for k, v in collate_pairs([examples[i] for i in indices], pad_id).items()}
-        with autocast_context(device, bf16):
+        with autocast_ctx(device, bf16):
             seq = sequence_logps(backbone, head, batch, chunk_size)
         idx = torch.tensor(indices, device=device)
         chosen[idx] = seq[: len(indices)]
@@ -405,15 +405,12 @@ class DPOTrainer:
             return means
 
         with self.stage_dir:
-            metrics = MetricsWriter(self.stage_dir.path / "metrics.jsonl")
-            try:
+            with MetricsLogger(self.stage_dir.path, stdout=False) as metrics:
                 hist = run_training_loop(
                     model=model, cfg=cfg, stage="dpo", num_examples=len(examples), lengths=_pair_lengths(examples),
                     micro_loss=micro_loss, count_units=len, evaluate=self.evaluate, metrics=metrics,
                     extra_metrics=extra_metrics, on_step_end=on_step_end,
                 )
-            finally:
-                metrics.close()
             model.eval()
             if cfg.gradient_checkpointing:
                 set_activation_checkpointing(model, False)

@@ -51,15 +51,15 @@ from rlhf_fast.models.reward import (
 )
 from rlhf_fast.sft import (
     DEMO,
-    MetricsWriter,
     StageTrainingArgs,
-    autocast_context,
     check_training_fields,
     resolve_device,
     run_training_loop,
     set_activation_checkpointing,
 )
 from rlhf_fast.stage_io import StageDirectory, StageNotFinishedError, require_finished_stage
+from rlhf_fast.trainer.logging import MetricsLogger
+from rlhf_fast.trainer.optim import autocast_ctx
 
 __all__ = [
     "RewardConfig", "RewardResult", "bradley_terry_loss", "sequence_scores", "evaluate_reward_model",
@@ -168,7 +168,7 @@ def evaluate_reward_model(model: nn.Module, examples: list[PreferenceExample], p
     gap_sum = torch.zeros((), device=device)
     for indices in length_grouped_batches(lengths, batch_size, shuffle=False):
         ids, mask, margins = _pair_batch([examples[i] for i in indices], pad_id, device)
-        with autocast_context(device, bf16):
+        with autocast_ctx(device, bf16):
             scores = sequence_scores(model, ids, mask)
         rc, rr = scores[: len(indices)], scores[len(indices):]
         correct += (rc > rr).sum()
@@ -307,14 +307,11 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
         return evaluate_reward_model(model, eval_ex, pad_id, cfg.per_device_eval_batch_size, cfg.use_margin, cfg.bf16)
 
     with stage_dir:
-        metrics = MetricsWriter(stage_dir.path / "metrics.jsonl")
-        try:
+        with MetricsLogger(stage_dir.path, stdout=False) as metrics:
             hist = run_training_loop(
                 model=model, cfg=cfg, stage="rm", num_examples=len(train_ex), lengths=lengths,
                 micro_loss=micro_loss, count_units=len, evaluate=evaluate, metrics=metrics,
             )
-        finally:
-            metrics.close()
         model.eval()
         if cfg.gradient_checkpointing:
             set_activation_checkpointing(model, False)

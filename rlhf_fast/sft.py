@@ -23,7 +23,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -44,10 +43,12 @@ from rlhf_fast.data import (
 from rlhf_fast.models.loading import backbone_hidden, ensure_pad_token, get_backbone, get_lm_head
 from rlhf_fast.ops import fused_linear_logprobs
 from rlhf_fast.stage_io import StageDirectory
+from rlhf_fast.trainer.logging import MetricsLogger
+from rlhf_fast.trainer.optim import autocast_ctx, build_adamw, build_lr_scheduler
 
 __all__ = [
-    "SFTConfig", "SFTResult", "train_sft", "response_logprobs", "evaluate_sft_loss", "lr_multiplier",
-    "build_optimizer", "build_lr_scheduler", "resolve_device", "StageTrainingArgs", "with_stage_tokenizer",
+    "SFTConfig", "SFTResult", "train_sft", "response_logprobs", "evaluate_sft_loss", "resolve_device",
+    "StageTrainingArgs", "with_stage_tokenizer",
 ]
 
 DEMO = "demo"
@@ -156,45 +157,6 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float = 0.0) -> float:
-    """LR / peak LR before optimizer step ``step`` (0-based): linear warmup from 1/(warmup+1), then decay.
-
-    cosine: min + (1 − min)·½(1 + cos(π·p)); linear: min + (1 − min)·(1 − p); constant: 1;
-    with p = (step − warmup) / max(1, total − warmup), clamped to [0, 1].
-    """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if schedule == "constant":
-        return 1.0
-    p = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-    if schedule == "cosine":
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
-    if schedule == "linear":
-        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - p)
-    raise ValueError(f"lr_scheduler_type must be 'cosine', 'linear' or 'constant', got {schedule!r}")
-
-
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases and norm weights (ndim < 2) get no weight decay."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    on_cuda = any(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-        **({"fused": True} if on_cuda else {}),
-    )
-
-
-def build_lr_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_ratio * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, warmup, total_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio)
-    )
-
-
 def total_optimizer_steps(num_batches: int, cfg) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -220,31 +182,10 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
     model.config.use_cache = not enabled
 
 
-def autocast_context(device: torch.device, bf16: bool):
-    if not bf16:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to ``path`` (flushed, so a crashed run keeps its curve)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fh = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
-
-    def close(self) -> None:
-        self.fh.close()
-
-
 def run_training_loop(
     *, model: nn.Module, cfg, stage: str, num_examples: int, lengths: list[int],
     micro_loss: Callable[[list[int]], tuple[torch.Tensor, int, int]],
-    count_units: Callable[[list[int]], int], evaluate: Callable[[], dict], metrics: MetricsWriter,
+    count_units: Callable[[list[int]], int], evaluate: Callable[[], dict], metrics: MetricsLogger,
     extra_metrics: Callable[[], dict] | None = None, on_step_end: Callable[[int], None] | None = None,
 ) -> dict:
     """The optimizer loop shared by SFT and reward-model training.
@@ -261,14 +202,19 @@ def run_training_loop(
     device = next(model.parameters()).device
     batches_per_epoch = math.ceil(num_examples / cfg.per_device_train_batch_size)
     total_steps = total_optimizer_steps(batches_per_epoch, cfg)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
+    # CPU keeps the unfused update (fused CPU AdamW rounds differently in the last bit)
+    optimizer = build_adamw(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                            fused_allowed=device.type == "cuda")
+    scheduler = build_lr_scheduler(optimizer, schedule=cfg.lr_scheduler_type, total_steps=total_steps,
+                                   warmup_steps=cfg.warmup_steps, warmup_ratio=cfg.warmup_ratio,
+                                   min_lr_ratio=cfg.min_lr_ratio)
     stream = batch_stream(lengths, cfg.per_device_train_batch_size, cfg.seed)
     eval_every = cfg.eval_steps
     history: dict[str, Any] = {"skipped_nonfinite_steps": 0, "tokens": 0}
     first_eval = evaluate()
     history["initial_eval"] = first_eval
-    metrics.write({"step": 0, **{f"eval_{k}": v for k, v in first_eval.items()}})
+    metrics.log({f"eval_{k}": v for k, v in first_eval.items()}, step=0)
     bar = tqdm(total=total_steps, desc=stage, disable=cfg.disable_tqdm, dynamic_ncols=True)
     window_tokens, window_start = 0, time.perf_counter()
     start = time.perf_counter()
@@ -280,7 +226,7 @@ def run_training_loop(
         loss_total = torch.zeros((), device=device)
         step_tokens = 0
         for indices in micro:
-            with autocast_context(device, cfg.bf16):
+            with autocast_ctx(device, cfg.bf16):
                 loss_sum, tokens, _ = micro_loss(indices)
             loss = loss_sum / max(units, 1)
             loss.backward()
@@ -297,7 +243,7 @@ def run_training_loop(
         if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
             optimizer.zero_grad(set_to_none=True)
             history["skipped_nonfinite_steps"] += 1
-            metrics.write({"step": step, "skipped_nonfinite": True, "loss": str(loss_value), "grad_norm": str(grad_value)})
+            metrics.log({"skipped_nonfinite": True, "loss": str(loss_value), "grad_norm": str(grad_value)}, step=step)
             if history["skipped_nonfinite_steps"] > cfg.max_nonfinite_steps:
                 raise FloatingPointError(
                     f"{stage}: non-finite loss or gradient at {history['skipped_nonfinite_steps']} steps (last: step "
@@ -318,22 +264,22 @@ def run_training_loop(
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if step % cfg.logging_steps == 0 or step == total_steps:
             now = time.perf_counter()
-            metrics.write({
-                "step": step, "epoch": round(step * cfg.gradient_accumulation_steps / batches_per_epoch, 4),
+            metrics.log({
+                "epoch": round(step * cfg.gradient_accumulation_steps / batches_per_epoch, 4),
                 "loss": loss_value, "lr": lr, "grad_norm": grad_value,
                 "tokens_per_s": window_tokens / max(now - window_start, 1e-9), "tokens": history["tokens"],
                 **(extra_metrics() if extra_metrics is not None else {}),
-            })
+            }, step=step)
             window_tokens, window_start = 0, now
         if eval_every and step % eval_every == 0 and step != total_steps:
             ev = evaluate()
             model.train()
-            metrics.write({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
+            metrics.log({f"eval_{k}": v for k, v in ev.items()}, step=step)
         if on_step_end is not None:
             on_step_end(step)
     bar.close()
     final_eval = evaluate()
-    metrics.write({"step": total_steps, **{f"eval_{k}": v for k, v in final_eval.items()}})
+    metrics.log({f"eval_{k}": v for k, v in final_eval.items()}, step=total_steps)
     runtime = time.perf_counter() - start
     history.update(
         steps=total_steps, final_eval=final_eval, train_loss=last_loss, runtime_s=round(runtime, 3),
@@ -377,7 +323,7 @@ def evaluate_sft_loss(model: nn.Module, examples: list[SFTExample], pad_id: int,
     lengths = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
     for indices in length_grouped_batches(lengths, batch_size, shuffle=False):
         batch = {k: v.to(device) for k, v in collate_sft([examples[i] for i in indices], pad_id).items()}
-        with autocast_context(device, bf16):
+        with autocast_ctx(device, bf16):
             logp = response_logprobs(backbone, head, batch, chunk_size)
         total -= logp.double().sum()
         tokens += logp.numel()
@@ -479,14 +425,11 @@ def train_sft(cfg: SFTConfig, model: nn.Module | None = None, tokenizer=None, tr
         return evaluate_sft_loss(model, eval_ex, pad_id, cfg.per_device_eval_batch_size, cfg.logprob_chunk_size, cfg.bf16)
 
     with stage_dir:
-        metrics = MetricsWriter(stage_dir.path / "metrics.jsonl")
-        try:
+        with MetricsLogger(stage_dir.path, stdout=False) as metrics:
             hist = run_training_loop(
                 model=model, cfg=cfg, stage="sft", num_examples=len(train_ex), lengths=lengths,
                 micro_loss=micro_loss, count_units=count_units, evaluate=evaluate, metrics=metrics,
             )
-        finally:
-            metrics.close()
         model.eval()
         if cfg.gradient_checkpointing:
             set_activation_checkpointing(model, False)

@@ -1,5 +1,6 @@
-"""Metrics sinks for the trainers: stdout (through tqdm so bars stay intact), JSONL in output_dir,
-TensorBoard when installed and asked for, wandb when asked for."""
+"""The one metrics writer of the trainers and stages: JSONL in output_dir (flushed every line, so a
+crashed run keeps its curve), stdout (through tqdm so bars stay intact), TensorBoard when installed and
+asked for, wandb when asked for."""
 from __future__ import annotations
 
 import json
@@ -24,9 +25,14 @@ def _reporters(report_to) -> set[str]:
 class MetricsLogger:
     """Writes each metrics dict to every configured sink.
 
-    output_dir/metrics.jsonl always (on the main process); stdout when ``stdout``; TensorBoard
-    (``report_to`` contains "tensorboard") when the package is installed, else a warning naming it;
-    wandb likewise. Unknown reporters are warned about by name, never silently dropped.
+    output_dir/``jsonl_name`` (appended to) whenever ``output_dir`` is given (the trainers pass None
+    off the main process): one JSON object per ``log`` call, ``{"step": step, **metrics}``; stdout
+    when ``stdout``; TensorBoard (``report_to`` contains "tensorboard") when the package is installed,
+    else a warning naming it; wandb likewise. Unknown reporters are warned about by name, never
+    silently dropped. ``enabled=False`` makes every call a no-op. A context manager (closes on exit).
+
+        with MetricsLogger(stage_dir, stdout=False) as metrics:   # the stages: metrics.jsonl only
+            metrics.log({"loss": 0.5, "lr": 1e-5}, step=1)
     """
 
     def __init__(self, output_dir: str | Path | None, report_to=None, run_name: str | None = None,
@@ -83,6 +89,12 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(clean, step=step)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.jsonl is not None:
