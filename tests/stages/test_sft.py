@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from rlhf_fast.data import collate_sft, load_sft_rows, tokenize_sft_rows
-from rlhf_fast.demo_data import sft_pairs
 from rlhf_fast.models.loading import get_backbone, get_lm_head
-from rlhf_fast.sft import SFTConfig, response_logprobs, train_sft
-from rlhf_fast.stage_io import require_finished_stage, save_stage
+from rlhf_fast.stages.base import response_logprobs
+from rlhf_fast.stages.data import collate_sft, load_sft_rows, tokenize_sft_rows
+from rlhf_fast.stages.demo_data import sft_pairs
+from rlhf_fast.stages.io import require_finished_stage, save_stage
+from rlhf_fast.stages.sft import SFTConfig, train_sft
 from rlhf_fast.testing import AllocationTracker
 
 

@@ -1,20 +1,18 @@
-"""Supervised fine-tuning: next-token loss on response tokens only, through the fused log-prob op.
+"""What every stage shares: the training config base, the optimizer loop, devices, the model and
+tokenizer of a causal-LM stage, train / held-out rows, the response log-probs, the finished directory.
 
-The causal LM's own ``forward`` is never called (it would build [tokens, vocab] logits): the
-backbone gives hidden states [B, T, H], the positions that predict a response token are gathered
-([N, H], prompt and padding positions never reach the LM head) and ``fused_linear_logprobs`` turns
-them into log-probs with the LM head weight, chunk by chunk.
+A stage (``sft``, ``reward``, ``dpo``, ``ppo``) imports this module, ``config``, ``data`` and ``io``;
+never another stage. The optimizer, LR schedule, autocast and metrics writer come from the trainer
+layer (``rlhf_fast.trainer.optim``, ``rlhf_fast.trainer.logging``), shared with the PPO trainer.
 
-Loss of an optimizer step = −Σ log p(response tokens) / (number of response tokens in the whole
-accumulated batch), so gradient accumulation gives the same update as one big batch.
-
-Training: AdamW (no weight decay on biases and norm weights), linear warmup then cosine / linear /
-constant decay, gradient-norm clipping, gradient accumulation, batches grouped by length, a tqdm bar,
-``metrics.jsonl`` in the output directory (every ``logging_steps``: loss, lr, grad_norm,
-tokens_per_s = non-padding tokens through the model per second since the last line; plus eval_loss
-lines), held-out loss before and after training (and every ``eval_steps``). A step with a
-non-finite loss or gradient norm is skipped (logged); more than ``max_nonfinite_steps`` of them stop
-the stage before anything is saved. The output is a finished stage directory (see ``rlhf_fast.stage_io``).
+The loop (``run_training_loop``): AdamW (no weight decay on biases and norm weights), linear warmup
+then cosine / linear / constant decay, gradient-norm clipping, gradient accumulation, batches grouped
+by length, a tqdm bar, ``metrics.jsonl`` in the stage directory (every ``logging_steps``: loss, lr,
+grad_norm, tokens_per_s = non-padding tokens through the model per second since the last line; plus
+``eval_*`` lines), held-out evaluation before and after training (and every ``eval_steps``). A step with
+a non-finite loss or gradient norm is skipped (logged); more than ``max_nonfinite_steps`` of them stop
+the stage before anything is saved. ``train_and_finish`` runs it and writes the finished stage
+directory (``rlhf_fast.stages.io``).
 """
 from __future__ import annotations
 
@@ -30,28 +28,21 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from rlhf_fast.config import ConfigError, config_to_dict
-from rlhf_fast.data import (
-    Rows,
-    SFTExample,
-    collate_sft,
-    length_grouped_batches,
-    load_sft_rows,
-    split_rows,
-    tokenize_sft_rows,
-)
-from rlhf_fast.models.loading import backbone_hidden, ensure_pad_token, get_backbone, get_lm_head
+from rlhf_fast.models.loading import backbone_hidden, ensure_pad_token
 from rlhf_fast.ops import fused_linear_logprobs
-from rlhf_fast.stage_io import StageDirectory
+from rlhf_fast.stages.config import ConfigError, config_to_dict
+from rlhf_fast.stages.data import Rows, length_grouped_batches, load_preference_rows, split_rows
+from rlhf_fast.stages.io import StageDirectory
 from rlhf_fast.trainer.logging import MetricsLogger
 from rlhf_fast.trainer.optim import autocast_ctx, build_adamw, build_lr_scheduler
 
 __all__ = [
-    "SFTConfig", "SFTResult", "train_sft", "response_logprobs", "evaluate_sft_loss", "resolve_device",
-    "StageTrainingArgs", "with_stage_tokenizer",
+    "DEMO", "StageTrainingArgs", "check_training_fields", "StageResult", "resolve_device", "total_optimizer_steps",
+    "batch_stream", "set_activation_checkpointing", "run_training_loop", "train_and_finish", "response_logprobs",
+    "with_stage_tokenizer", "load_stage_policy", "stage_rows", "preference_rows", "print_stage_summary",
 ]
 
-DEMO = "demo"
+DEMO = "demo"  # a model_name_or_path / dataset value: the embedded demo (rlhf_fast.stages.demo_data)
 
 
 @dataclass
@@ -84,33 +75,8 @@ class StageTrainingArgs:
     disable_tqdm: bool = False
 
 
-@dataclass
-class SFTConfig(StageTrainingArgs):
-    """Settings of ``rlhf-fast sft`` (YAML section ``sft:``). Names follow TRL / transformers where they exist."""
-
-    model_name_or_path: str = field(default=DEMO, metadata={"help": "HF model dir or hub name; 'demo' builds the tiny random Qwen2 + BPE tokenizer."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
-    dataset: str = field(default=DEMO, metadata={"help": ".jsonl/.json/.parquet file or save_to_disk dir; 'demo' = pydoc corpus pairs."})
-    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out file; None: split eval_fraction off the train set."})
-    eval_fraction: float = field(default=0.05, metadata={"help": "Held-out share when eval_dataset is None (not for 'demo')."})
-    output_dir: str = field(default="runs/sft", metadata={"help": "Finished stage directory to write."})
-    max_length: int = field(default=256, metadata={"help": "Max prompt+response tokens."})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "Prompt tokens kept when truncating (default max_length//2)."})
-    use_chat_template: bool = field(default=True, metadata={"help": "Format string prompts with the tokenizer's chat template when it has one."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch."})
-    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per eval batch."})
-    demo_vocab_size: int = field(default=1024, metadata={"help": "'demo' model: BPE vocabulary size."})
-    demo_prompt_words: int = field(default=8, metadata={"help": "'demo' dataset: prompt length in words."})
-    demo_response_words: int = field(default=30, metadata={"help": "'demo' dataset: response length in words."})
-
-    def __post_init__(self):
-        check_training_fields(self)
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-
-
 def check_training_fields(cfg) -> None:
-    """Range checks shared by the SFT and reward-model configs; the message names the field."""
+    """Range checks shared by the stage configs (SFT, RM, DPO); the message names the field."""
     positive_ints = ["max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "logging_steps"]
     for name in positive_ints:
@@ -133,10 +99,13 @@ def check_training_fields(cfg) -> None:
         raise ValueError(f"set max_steps > 0 or num_train_epochs > 0 (got {cfg.max_steps} and {cfg.num_train_epochs})")
     if cfg.logprob_chunk_size is not None and cfg.logprob_chunk_size < 1:
         raise ValueError(f"logprob_chunk_size must be >= 1 or None, got {cfg.logprob_chunk_size}")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
 
 
-class SFTResult(NamedTuple):
-    """output_dir: the finished stage directory; metrics: the summary also written to its COMPLETE marker."""
+class StageResult(NamedTuple):
+    """What a stage returns. output_dir: the finished stage directory; metrics: the summary also written
+    to its COMPLETE marker."""
 
     output_dir: Path
     model: nn.Module
@@ -144,8 +113,9 @@ class SFTResult(NamedTuple):
     metrics: dict
 
 
-# --------------------------------------------------------------------------- shared training pieces
+# --------------------------------------------------------------------------- the loop
 def resolve_device(device: str) -> torch.device:
+    """The torch device of a stage config's ``device`` ("auto": cuda when available, else cpu)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -188,7 +158,7 @@ def run_training_loop(
     count_units: Callable[[list[int]], int], evaluate: Callable[[], dict], metrics: MetricsLogger,
     extra_metrics: Callable[[], dict] | None = None, on_step_end: Callable[[int], None] | None = None,
 ) -> dict:
-    """The optimizer loop shared by SFT and reward-model training.
+    """The optimizer loop of the SFT, reward-model and DPO stages.
 
     micro_loss(indices) -> (sum of the per-unit losses, as a differentiable scalar; tokens processed;
     units): the loss of an optimizer step is Σ micro sums / Σ units of the step (count_units gives the
@@ -288,7 +258,104 @@ def run_training_loop(
     return history
 
 
-# --------------------------------------------------------------------------- SFT proper
+def train_and_finish(stage_dir: StageDirectory, *, model: nn.Module, tokenizer, cfg,
+                     summarize: Callable[[dict], dict], **loop) -> StageResult:
+    """Train ``model`` with ``run_training_loop(**loop)`` (metrics.jsonl in the stage directory, activation
+    checkpointing on while training when ``cfg.gradient_checkpointing``), then finish ``stage_dir`` with the
+    model, tokenizer, ``stage_config.json`` and the summary ``summarize(history)``."""
+    if cfg.gradient_checkpointing:
+        set_activation_checkpointing(model, True)
+    with stage_dir:
+        with MetricsLogger(stage_dir.path, stdout=False) as metrics:
+            hist = run_training_loop(model=model, cfg=cfg, stage=stage_dir.stage, metrics=metrics, **loop)
+        model.eval()
+        if cfg.gradient_checkpointing:
+            set_activation_checkpointing(model, False)
+        summary = summarize(hist)
+        (stage_dir.path / "stage_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        out = stage_dir.finish(model, tokenizer, summary)
+    return StageResult(out, model, tokenizer, summary)
+
+
+def print_stage_summary(stage: str, output_dir, metrics: dict) -> int:
+    """The end of a stage command: the finished directory and the summary as JSON; exit code 0."""
+    print(f"{stage}: finished stage directory {output_dir}")
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+# --------------------------------------------------------------------------- model, tokenizer, rows
+def with_stage_tokenizer(cfg, model, tokenizer):
+    """(model, tokenizer) for a stage: the tokenizer given, else ``tokenizer_name_or_path``, else the
+    model directory's; given a pad token (from EOS when missing) that the model's config shares."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        source = cfg.tokenizer_name_or_path or (cfg.model_name_or_path if cfg.model_name_or_path != DEMO else None)
+        if source is None:
+            raise ValueError("a model passed in memory needs tokenizer= (or tokenizer_name_or_path in the config)")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    ensure_pad_token(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_stage_policy(cfg, model: nn.Module | None, tokenizer, load: Callable[[], nn.Module], corpus=None):
+    """(model, tokenizer) of a causal-LM stage (SFT, DPO): the in-memory ``model`` when given; else for
+    ``model_name_or_path: demo`` the tiny random Qwen2 with a BPE tokenizer trained on ``corpus`` (default:
+    the demo corpus) unless a tokenizer is given; else ``load()``. Then ``with_stage_tokenizer``."""
+    if model is None:
+        if cfg.model_name_or_path == DEMO:
+            from rlhf_fast.stages.demo_data import build_demo_model, build_demo_tokenizer, demo_corpus
+
+            if tokenizer is None:
+                corpus = corpus if corpus is not None else demo_corpus()
+                tokenizer = build_demo_tokenizer(corpus.train, vocab_size=cfg.demo_vocab_size)
+            model = build_demo_model(tokenizer, seed=cfg.seed)
+        else:
+            model = load()
+    return with_stage_tokenizer(cfg, model, tokenizer)
+
+
+def stage_rows(cfg, train_dataset, eval_dataset, load: Callable[..., Rows],
+               demo: Callable[[], tuple[Rows, Rows]]) -> tuple[Rows, Rows]:
+    """Train and held-out rows of a stage: ``demo()`` when no train_dataset is given and ``cfg.dataset`` is
+    'demo'; else ``load`` (the stage's row loader) over train_dataset (or cfg.dataset) and eval_dataset (or
+    cfg.eval_dataset), splitting ``eval_fraction`` off the train rows when no held-out set is given."""
+    if train_dataset is None and cfg.dataset == DEMO:
+        return demo()
+    train = load(train_dataset if train_dataset is not None else cfg.dataset, name="dataset")
+    if eval_dataset is None and cfg.eval_dataset is not None:
+        eval_dataset = cfg.eval_dataset
+    if eval_dataset is not None:
+        return train, load(eval_dataset, name="eval_dataset")
+    if cfg.eval_fraction > 0 and len(train.rows) >= 2:
+        return split_rows(train, cfg.eval_fraction, cfg.seed)
+    return train, Rows([], [], "none")
+
+
+def preference_rows(cfg, train_dataset, eval_dataset, load=load_preference_rows) -> tuple[Rows, Rows]:
+    """``stage_rows`` of a preference stage (RM or DPO, each with its row loader ``load``); the demo is
+    ``cfg.demo_num_pairs`` corpus pairs judged by the gold judge (noisy labels unless
+    ``demo_noisy_labels`` is off), ``eval_fraction`` of them from held-out paragraphs."""
+
+    def demo():
+        from rlhf_fast.stages.demo_data import demo_corpus, synthetic_preference_rows
+
+        split = demo_corpus()
+        n_eval = max(1, round(cfg.demo_num_pairs * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
+        train = synthetic_preference_rows(split.train, cfg.demo_num_pairs - n_eval, seed=cfg.seed,
+                                          noisy=cfg.demo_noisy_labels)
+        # Held-out pairs come from held-out paragraphs and carry noiseless labels: accuracy then
+        # measures agreement with the gold judge itself.
+        ev = synthetic_preference_rows(split.heldout, n_eval, seed=cfg.seed + 1, noisy=False) if n_eval else []
+        return (load(train, name="demo preference pairs"),
+                load(ev, name="demo held-out pairs") if ev else Rows([], [], "none"))
+
+    return stage_rows(cfg, train_dataset, eval_dataset, load, demo)
+
+
+# --------------------------------------------------------------------------- response log-probs
 def response_logprobs(backbone: nn.Module, lm_head: nn.Module, batch: dict[str, torch.Tensor],
                       chunk_size: int | None = None) -> torch.Tensor:
     """fp32 [N] log-probs of the N labelled (response) tokens of a collated batch, in row-major order.
@@ -306,140 +373,3 @@ def response_logprobs(backbone: nn.Module, lm_head: nn.Module, batch: dict[str, 
     h = h.to(lm_head.weight.dtype)  # under bf16 autocast the head still runs in the weight's dtype
     logp, _ = fused_linear_logprobs(h, lm_head.weight, targets, bias=lm_head.bias, chunk_size=chunk_size)
     return logp
-
-
-@torch.no_grad()
-def evaluate_sft_loss(model: nn.Module, examples: list[SFTExample], pad_id: int, batch_size: int = 16,
-                      chunk_size: int | None = None, bf16: bool = False) -> dict:
-    """Mean negative log-likelihood per response token over ``examples`` ({"loss", "tokens"})."""
-    if not examples:
-        return {"loss": None, "tokens": 0}
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    backbone, head = get_backbone(model), get_lm_head(model)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = 0
-    lengths = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
-    for indices in length_grouped_batches(lengths, batch_size, shuffle=False):
-        batch = {k: v.to(device) for k, v in collate_sft([examples[i] for i in indices], pad_id).items()}
-        with autocast_ctx(device, bf16):
-            logp = response_logprobs(backbone, head, batch, chunk_size)
-        total -= logp.double().sum()
-        tokens += logp.numel()
-    model.train(was_training)
-    return {"loss": (total / max(tokens, 1)).item(), "tokens": tokens}
-
-
-def with_stage_tokenizer(cfg, model, tokenizer):
-    """(model, tokenizer) for a stage: the tokenizer given, else ``tokenizer_name_or_path``, else the
-    model directory's; given a pad token (from EOS when missing) that the model's config shares."""
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        source = cfg.tokenizer_name_or_path or (cfg.model_name_or_path if cfg.model_name_or_path != DEMO else None)
-        if source is None:
-            raise ValueError("a model passed in memory needs tokenizer= (or tokenizer_name_or_path in the config)")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    ensure_pad_token(tokenizer)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def _load_model_and_tokenizer(cfg: SFTConfig, model, tokenizer, demo_split):
-    if model is None:
-        if cfg.model_name_or_path == DEMO:
-            from rlhf_fast.demo_data import build_demo_model, build_demo_tokenizer
-
-            if tokenizer is None:
-                tokenizer = build_demo_tokenizer(demo_split.train, vocab_size=cfg.demo_vocab_size)
-            model = build_demo_model(tokenizer, seed=cfg.seed)
-        else:
-            from rlhf_fast.models.loading import load_causal_lm
-
-            model = load_causal_lm(cfg.model_name_or_path, dtype=torch.float32,
-                                   attn_implementation=cfg.attn_implementation)
-    return with_stage_tokenizer(cfg, model, tokenizer)
-
-
-def _sft_rows(cfg: SFTConfig, train_dataset, eval_dataset, demo_split) -> tuple[Rows, Rows]:
-    if train_dataset is None and cfg.dataset == DEMO:
-        from rlhf_fast.demo_data import sft_pairs
-
-        kw = dict(prompt_words=cfg.demo_prompt_words, response_words=cfg.demo_response_words)
-        train = load_sft_rows(sft_pairs(demo_split.train, **kw), name="demo train pairs")
-        ev = load_sft_rows(sft_pairs(demo_split.heldout, **kw), name="demo held-out pairs")
-        return train, ev
-    train = load_sft_rows(train_dataset if train_dataset is not None else cfg.dataset, name="dataset")
-    if eval_dataset is None and cfg.eval_dataset is not None:
-        eval_dataset = cfg.eval_dataset
-    if eval_dataset is not None:
-        return train, load_sft_rows(eval_dataset, name="eval_dataset")
-    if cfg.eval_fraction > 0 and len(train.rows) >= 2:
-        return split_rows(train, cfg.eval_fraction, cfg.seed)
-    return train, Rows([], [], "none")
-
-
-def train_sft(cfg: SFTConfig, model: nn.Module | None = None, tokenizer=None, train_dataset=None,
-              eval_dataset=None) -> SFTResult:
-    """Run the SFT stage and write ``cfg.output_dir`` as a finished stage directory.
-
-    model / tokenizer: in-memory objects instead of ``cfg.model_name_or_path``. train_dataset /
-    eval_dataset: rows (list of dicts, ``datasets.Dataset`` or a path) instead of ``cfg.dataset``.
-    Returns the trained model, its tokenizer, the output directory and the summary metrics
-    (``initial_eval_loss``, ``final_eval_loss``, ``train_loss``, ``steps``, ``tokens_per_s`` ...).
-    """
-    if not isinstance(cfg, SFTConfig):
-        raise TypeError(f"cfg must be an SFTConfig, got {type(cfg).__name__}")
-    device = resolve_device(cfg.device)
-    stage_dir = StageDirectory(cfg.output_dir, stage="sft")  # fails now, not after training, on a bad output_dir
-    torch.manual_seed(cfg.seed)
-    demo_split = None
-    if cfg.dataset == DEMO or cfg.model_name_or_path == DEMO:
-        from rlhf_fast.demo_data import demo_corpus
-
-        demo_split = demo_corpus()
-    model, tokenizer = _load_model_and_tokenizer(cfg, model, tokenizer, demo_split)
-    train_rows, eval_rows = _sft_rows(cfg, train_dataset, eval_dataset, demo_split)
-    tok_kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                  use_chat_template=cfg.use_chat_template)
-    train_ex = tokenize_sft_rows(train_rows, tokenizer, **tok_kw)
-    eval_ex = tokenize_sft_rows(eval_rows, tokenizer, **tok_kw) if eval_rows.rows else []
-    model.to(device)
-    if cfg.gradient_checkpointing:
-        set_activation_checkpointing(model, True)
-    backbone, head = get_backbone(model), get_lm_head(model)
-    pad_id = tokenizer.pad_token_id
-    lengths = [len(e.prompt_ids) + len(e.response_ids) for e in train_ex]
-
-    def micro_loss(indices):
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate_sft([train_ex[i] for i in indices], pad_id).items()}
-        logp = response_logprobs(backbone, head, batch, cfg.logprob_chunk_size)
-        tokens = sum(len(train_ex[i].prompt_ids) + len(train_ex[i].response_ids) for i in indices)  # host-side count
-        return -logp.sum(), tokens, logp.numel()
-
-    def count_units(indices):
-        return sum(len(train_ex[i].response_ids) for i in indices)
-
-    def evaluate():
-        return evaluate_sft_loss(model, eval_ex, pad_id, cfg.per_device_eval_batch_size, cfg.logprob_chunk_size, cfg.bf16)
-
-    with stage_dir:
-        with MetricsLogger(stage_dir.path, stdout=False) as metrics:
-            hist = run_training_loop(
-                model=model, cfg=cfg, stage="sft", num_examples=len(train_ex), lengths=lengths,
-                micro_loss=micro_loss, count_units=count_units, evaluate=evaluate, metrics=metrics,
-            )
-        model.eval()
-        if cfg.gradient_checkpointing:
-            set_activation_checkpointing(model, False)
-        summary = {
-            "train_examples": len(train_ex), "eval_examples": len(eval_ex), "steps": hist["steps"],
-            "train_loss": hist["train_loss"], "initial_eval_loss": hist["initial_eval"]["loss"],
-            "final_eval_loss": hist["final_eval"]["loss"], "tokens": hist["tokens"],
-            "tokens_per_s": hist["tokens_per_s"], "runtime_s": hist["runtime_s"],
-            "skipped_nonfinite_steps": hist["skipped_nonfinite_steps"], "dataset": train_rows.source,
-        }
-        (stage_dir.path / "stage_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        out = stage_dir.finish(model, tokenizer, summary)
-    return SFTResult(out, model, tokenizer, summary)
