@@ -9,7 +9,7 @@ tokens, chosen and rejected responses of 64 tokens each (63 random tokens + EOS)
 step (16 sequences), AdamW, lr 5e-5 linear, grad clip 1.0, beta 0.1, loss "sigmoid", one log line per step.
 
 Sides, each in its own process (memory = peak RSS above the post-import baseline; both sides import
-torch, transformers, trl and rlhf_fast.dpo at module top, so the baseline carries the same libraries):
+torch, transformers, trl and rlhf_fast.stages.dpo at module top, so the baseline carries the same libraries):
   trl-precompute  TRL DPOTrainer, precompute_ref_log_probs=True (no reference model kept: our setting)
   trl             TRL DPOTrainer as its docs run it: a reference model (a copy of the policy) in memory
   rlhf_fast       our DPOTrainer (reference log-probs cached once before training, fused log-prob op)
@@ -42,7 +42,7 @@ try:  # imported before the memory baseline, so both sides carry the same librar
     import torch
     import transformers  # noqa: F401
 
-    import rlhf_fast.dpo  # noqa: F401
+    import rlhf_fast.stages.dpo  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 try:
@@ -112,7 +112,7 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
     out = tempfile.mkdtemp(prefix=f"bench_dpo_{provider}_")
     stamps: list[tuple[float, float]] = []
     if provider == "rlhf_fast":
-        from rlhf_fast.dpo import DPOConfig, DPOTrainer
+        from rlhf_fast.stages.dpo import DPOConfig, DPOTrainer
 
         cfg = DPOConfig(model_name_or_path=model_dir, output_dir=os.path.join(out, "dpo"), device=device,
                         beta=BETA, per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,

@@ -26,13 +26,13 @@ __all__ += ["ModelOutput", "PolicyValueModel", "make_reward"]
 _LAZY = {
     "PPOConfig": "rlhf_fast.trainer.ppo_config",
     "PPOTrainer": "rlhf_fast.trainer.ppo",
-    "SFTConfig": "rlhf_fast.sft",
-    "train_sft": "rlhf_fast.sft",
-    "RewardConfig": "rlhf_fast.reward",
-    "train_reward_model": "rlhf_fast.reward",
-    "run_pipeline": "rlhf_fast.pipeline",
-    "DPOConfig": "rlhf_fast.dpo",
-    "DPOTrainer": "rlhf_fast.dpo",
+    "SFTConfig": "rlhf_fast.stages.sft",
+    "train_sft": "rlhf_fast.stages.sft",
+    "RewardConfig": "rlhf_fast.stages.reward",
+    "train_reward_model": "rlhf_fast.stages.reward",
+    "run_pipeline": "rlhf_fast.stages.pipeline",
+    "DPOConfig": "rlhf_fast.stages.dpo",
+    "DPOTrainer": "rlhf_fast.stages.dpo",
 }
 __all__ += list(_LAZY)
 

@@ -4,11 +4,11 @@ Commands live in a registry; adding one is one call, with no parser code to touc
 ones are registered at the bottom of this module (a new stage adds its line there, as strings, so
 nothing heavy is imported until that command runs):
 
-    register_stage_command("ppo", config_cls="rlhf_fast.trainer.ppo_config:PPOConfig", section="ppo",
-                           run="rlhf_fast.trainer.ppo:run_ppo_stage", help="PPO against a reward model")
+    register_stage_command("ppo", config_cls="rlhf_fast.trainer:PPOConfig", section="ppo",
+                           run="rlhf_fast.stages.ppo:run_ppo_stage", help="PPO against a reward model")
 
 A *stage command* reads the YAML ``section`` of ``--config``, applies ``key=value`` overrides
-checked against the config dataclass (``rlhf_fast.config.load_stage_config``) and calls
+checked against the config dataclass (``rlhf_fast.stages.config.load_stage_config``) and calls
 ``run(config)``. Classes and functions may be given as ``"module:attr"`` strings, imported only when
 that command runs, so ``rlhf-fast --help`` stays fast. Any other command registers with
 ``register_command(name, help, configure, run)``: ``configure(parser)`` adds its arguments and
@@ -69,7 +69,7 @@ class _ConfigHelpAction(argparse.Action):
         self.section = section
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from rlhf_fast.config import describe_fields
+        from rlhf_fast.stages.config import describe_fields
 
         parser.print_help()
         cls = _resolve(self.config_cls)
@@ -97,7 +97,7 @@ def register_stage_command(name: str, config_cls, section: str, run, help: str, 
     def run_stage(args: argparse.Namespace):
         import yaml
 
-        from rlhf_fast.config import config_to_dict, load_stage_config
+        from rlhf_fast.stages.config import config_to_dict, load_stage_config
 
         cls = _resolve(config_cls)
         cfg = load_stage_config(cls, args.config, section if args.config else None, args.overrides)
@@ -123,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from rlhf_fast.config import ConfigError
-    from rlhf_fast.data import DatasetFormatError
-    from rlhf_fast.stage_io import StageNotFinishedError, StageOutputError
+    from rlhf_fast.stages.config import ConfigError
+    from rlhf_fast.stages.data import DatasetFormatError
+    from rlhf_fast.stages.io import StageNotFinishedError, StageOutputError
 
     return ConfigError, DatasetFormatError, StageNotFinishedError, StageOutputError, FileNotFoundError
 
@@ -150,50 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- built-in stages
-def _print_summary(stage: str, result) -> int:
-    import json
-
-    print(f"{stage}: finished stage directory {result.output_dir}")
-    print(json.dumps(result.metrics, indent=2, default=str))
-    return 0
-
-
-def run_sft_stage(cfg) -> int:
-    from rlhf_fast.sft import train_sft
-
-    return _print_summary("sft", train_sft(cfg))
-
-
-def run_rm_stage(cfg) -> int:
-    from rlhf_fast.reward import train_reward_model
-
-    return _print_summary("rm", train_reward_model(cfg))
-
-
 register_stage_command(
-    "sft", "rlhf_fast.sft:SFTConfig", "sft", run_sft_stage,
+    "sft", "rlhf_fast.stages.sft:SFTConfig", "sft", "rlhf_fast.stages.sft:run_sft_stage",
     help="supervised fine-tuning on (prompt, response) pairs (loss on response tokens only)",
 )
 register_stage_command(
-    "rm", "rlhf_fast.reward:RewardConfig", "rm", run_rm_stage,
+    "rm", "rlhf_fast.stages.reward:RewardConfig", "rm", "rlhf_fast.stages.reward:run_rm_stage",
     help="reward-model training on (prompt, chosen, rejected) pairs (Bradley-Terry loss)",
 )
 register_stage_command(
-    "dpo", "rlhf_fast.dpo:DPOConfig", "dpo", "rlhf_fast.dpo:run_dpo_stage",
+    "dpo", "rlhf_fast.stages.dpo:DPOConfig", "dpo", "rlhf_fast.stages.dpo:run_dpo_stage",
     help="direct preference optimization on (prompt, chosen, rejected) pairs (no reward model, no RL loop)",
 )
 
-
-
-def run_ppo_stage(cfg) -> int:
-    import json
-
-    from rlhf_fast.pipeline import run_ppo_stage as _run
-
-    trainer, final_dir = _run(cfg)
-    print(f"ppo: finished stage directory {final_dir}")
-    print(json.dumps(trainer.state.log_history[-1] if trainer.state.log_history else {}, indent=2, default=str))
-    return 0
 
 
 def _configure_pipeline(parser: argparse.ArgumentParser) -> None:
@@ -204,14 +173,14 @@ def _configure_pipeline(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pipeline_command(args) -> int:
-    from rlhf_fast.pipeline import run_pipeline
+    from rlhf_fast.stages.pipeline import run_pipeline
 
     run_pipeline(args.config, args.overrides)
     return 0
 
 
 register_stage_command(
-    "ppo", "rlhf_fast.trainer.ppo_config:PPOConfig", "ppo", run_ppo_stage,
+    "ppo", "rlhf_fast.trainer:PPOConfig", "ppo", "rlhf_fast.stages.ppo:run_ppo_stage",
     help="PPO against a reward model (policy from a finished SFT stage, reward from a finished RM stage)",
 )
 register_command("pipeline", "the whole RLHF pipeline: SFT -> reward model -> PPO -> report (make demo)",

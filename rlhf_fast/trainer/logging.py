@@ -1,6 +1,7 @@
-"""Metrics for the trainers: the sinks (stdout through tqdm so bars stay intact, JSONL in output_dir,
-TensorBoard and wandb when installed and asked for) and the assembly of one PPO step's metrics under
-TRL's names and formulas (``StepStats``, ``step_metrics``, ``group_reward_stats``)."""
+"""Metrics for the trainers and stages: the one metrics writer (JSONL in output_dir, flushed every line
+so a crashed run keeps its curve; stdout through tqdm so bars stay intact; TensorBoard and wandb when
+installed and asked for) and the assembly of one PPO step's metrics under TRL's names and formulas
+(``StepStats``, ``step_metrics``, ``group_reward_stats``)."""
 from __future__ import annotations
 
 import json
@@ -29,9 +30,14 @@ def _reporters(report_to) -> set[str]:
 class MetricsLogger:
     """Writes each metrics dict to every configured sink.
 
-    output_dir/metrics.jsonl always (on the main process); stdout when ``stdout``; TensorBoard
-    (``report_to`` contains "tensorboard") when the package is installed, else a warning naming it;
-    wandb likewise. Unknown reporters are warned about by name, never silently dropped.
+    output_dir/``jsonl_name`` (appended to) whenever ``output_dir`` is given (the trainers pass None
+    off the main process): one JSON object per ``log`` call, ``{"step": step, **metrics}``; stdout
+    when ``stdout``; TensorBoard (``report_to`` contains "tensorboard") when the package is installed,
+    else a warning naming it; wandb likewise. Unknown reporters are warned about by name, never
+    silently dropped. ``enabled=False`` makes every call a no-op. A context manager (closes on exit).
+
+        with MetricsLogger(stage_dir, stdout=False) as metrics:   # the stages: metrics.jsonl only
+            metrics.log({"loss": 0.5, "lr": 1e-5}, step=1)
     """
 
     def __init__(self, output_dir: str | Path | None, report_to=None, run_name: str | None = None,
@@ -88,6 +94,12 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(clean, step=step)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.jsonl is not None:

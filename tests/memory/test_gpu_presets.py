@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from rlhf_fast import memory
-from rlhf_fast.config import load_stage_config
+from rlhf_fast.stages.config import load_stage_config
 from rlhf_fast.trainer.ppo_config import PPOConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

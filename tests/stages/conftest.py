@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_fast import demo_data
+from rlhf_fast.stages import demo_data
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,13 @@
 """The demo data paths of both stages (dataset=demo, model=demo), shrunk to a couple of steps."""
 from __future__ import annotations
 
-from rlhf_fast.reward import RewardConfig, train_reward_model
-from rlhf_fast.sft import SFTConfig, train_sft
-from rlhf_fast.stage_io import require_finished_stage
+from rlhf_fast.stages.io import require_finished_stage
+from rlhf_fast.stages.reward import RewardConfig, train_reward_model
+from rlhf_fast.stages.sft import SFTConfig, train_sft
 
 
 def test_demo_sft_then_demo_rm(tmp_path, corpus):
-    from rlhf_fast.demo_data import sft_pairs
+    from rlhf_fast.stages.demo_data import sft_pairs
 
     sft = train_sft(SFTConfig(output_dir=str(tmp_path / "sft"), device="cpu", disable_tqdm=True, max_steps=2,
                               demo_vocab_size=300, per_device_train_batch_size=4))

@@ -10,8 +10,9 @@ import random
 import pytest
 import torch
 
-from rlhf_fast.data import DatasetFormatError, Rows, load_preference_rows
-from rlhf_fast.dpo import (
+from rlhf_fast.models.loading import get_backbone, get_lm_head
+from rlhf_fast.stages.data import DatasetFormatError, Rows, load_preference_rows
+from rlhf_fast.stages.dpo import (
     DPOConfig,
     DPOTrainer,
     collate_pairs,
@@ -22,8 +23,7 @@ from rlhf_fast.dpo import (
     tokenize_dpo_rows,
     train_dpo,
 )
-from rlhf_fast.models.loading import get_backbone, get_lm_head
-from rlhf_fast.stage_io import StageNotFinishedError, require_finished_stage, save_stage
+from rlhf_fast.stages.io import StageNotFinishedError, require_finished_stage, save_stage
 
 GOOD = ["good", "fine", "nice", "great", "kind"]
 BAD = ["bad", "poor", "awful", "wrong", "sad"]

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from rlhf_fast.cli import main as cli_main
-from rlhf_fast.pipeline import run_pipeline, split_overrides
+from rlhf_fast.stages.pipeline import run_pipeline, split_overrides
 from tests.utils import REPO
 
 SMOKE = [
@@ -69,8 +69,8 @@ def test_ppo_config_typo_lists_valid_keys(capsys):
 def test_preference_pairs_label_every_pair_of_k_samples_per_prompt(make_tiny_lm, tiny_tokenizer):
     from itertools import combinations
 
-    from rlhf_fast.demo_data import gold_prefers, gold_reward
-    from rlhf_fast.pipeline import PipelineConfig, pair_prompt_count, preference_pairs, sample_texts
+    from rlhf_fast.stages.demo_data import gold_prefers, gold_reward
+    from rlhf_fast.stages.pipeline import PipelineConfig, pair_prompt_count, preference_pairs, sample_texts
 
     lm = make_tiny_lm(seed=1)
     prompts = ["The value of a function", "A module is a file", "Each class has"]

@@ -8,15 +8,15 @@ import random
 import pytest
 import torch
 
-from rlhf_fast.data import pad_sequences
-from rlhf_fast.reward import (
+from rlhf_fast.stages.data import pad_sequences
+from rlhf_fast.stages.io import StageNotFinishedError, require_finished_stage, save_stage
+from rlhf_fast.stages.reward import (
     RewardConfig,
     bradley_terry_loss,
     load_reward_model,
     sequence_scores,
     train_reward_model,
 )
-from rlhf_fast.stage_io import StageNotFinishedError, require_finished_stage, save_stage
 
 
 def test_bradley_terry_loss_hand_worked():

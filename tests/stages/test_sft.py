@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from rlhf_fast.data import collate_sft, load_sft_rows, tokenize_sft_rows
-from rlhf_fast.demo_data import sft_pairs
 from rlhf_fast.models.loading import get_backbone, get_lm_head
-from rlhf_fast.sft import SFTConfig, lr_multiplier, response_logprobs, train_sft
-from rlhf_fast.stage_io import require_finished_stage, save_stage
+from rlhf_fast.stages.base import response_logprobs
+from rlhf_fast.stages.data import collate_sft, load_sft_rows, tokenize_sft_rows
+from rlhf_fast.stages.demo_data import sft_pairs
+from rlhf_fast.stages.io import require_finished_stage, save_stage
+from rlhf_fast.stages.sft import SFTConfig, train_sft
 from rlhf_fast.testing import AllocationTracker
 
 
@@ -58,16 +59,6 @@ def test_no_full_vocab_logits_over_all_positions(make_tiny_lm, tiny_tokenizer):
     vocab_wide = [a for a in tracker.allocations if a.shape and a.shape[-1] == V and len(a.shape) >= 2]
     assert vocab_wide, "expected the LM head's logits (or their chunks) to be seen"
     assert max(math.prod(a.shape[:-1]) for a in vocab_wide) <= n_resp, [a.shape for a in vocab_wide]
-
-
-def test_lr_schedule_values():
-    assert lr_multiplier(0, 4, 20, "cosine") == pytest.approx(1 / 5)
-    assert lr_multiplier(3, 4, 20, "cosine") == pytest.approx(4 / 5)
-    assert lr_multiplier(4, 4, 20, "cosine") == pytest.approx(1.0)
-    assert lr_multiplier(12, 4, 20, "cosine") == pytest.approx(0.5)
-    assert lr_multiplier(20, 4, 20, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1)
-    assert lr_multiplier(12, 4, 20, "linear", min_lr_ratio=0.2) == pytest.approx(0.2 + 0.8 * 0.5)
-    assert lr_multiplier(19, 4, 20, "constant") == 1.0
 
 
 def test_sft_lowers_heldout_loss(tmp_path, make_tiny_lm, tiny_tokenizer, corpus):

@@ -13,6 +13,8 @@ mistaken for a finished one:
 A stage that fails or is killed before step 3 leaves the previous ``out_dir`` untouched; a failed one
 also removes its temporary directory. ``require_finished_stage(path)`` is what a stage calls on its
 input: it refuses a directory without ``COMPLETE``, naming the directory and the fix.
+``load_stage_causal_lm`` and ``load_reward_model`` load a stage's input model that way (a finished
+stage directory, or a hub name), for every stage that reads one (RM, DPO, PPO).
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "COMPLETE_MARKER", "StageDirectory", "StageNotFinishedError", "StageOutputError", "is_finished_stage", "read_stage_summary",
-    "require_finished_stage", "save_stage",
+    "require_finished_stage", "save_stage", "load_from_stage", "load_stage_causal_lm", "load_reward_model",
 ]
 
 COMPLETE_MARKER = "COMPLETE"
@@ -168,7 +171,7 @@ def _json_default(o):
         pass
     if isinstance(o, Path):
         return str(o)
-    print(f"stage_io: summary value of type {type(o).__name__} written as its repr", file=sys.stderr)
+    print(f"rlhf_fast.stages.io: summary value of type {type(o).__name__} written as its repr", file=sys.stderr)
     return repr(o)
 
 
@@ -179,3 +182,78 @@ def save_stage(model, tokenizer, out_dir: str | os.PathLike, summary: dict[str, 
         stage = summary.get("stage")
     with StageDirectory(out_dir, stage=stage) as d:
         return d.finish(model, tokenizer, summary)
+
+
+# --------------------------------------------------------------------------- input models
+T = TypeVar("T")
+
+
+def load_from_stage(name: str, what: str, allow_unmarked: bool, load: Callable[[], T]) -> T:
+    """``load()`` a stage's input model named ``name`` (the config key ``what`` holds it), refusing first a
+    local directory without the COMPLETE marker (unless ``allow_unmarked``: any local HF directory) and a
+    missing local path; a name that is neither a local directory nor on the hub raises StageNotFinishedError
+    saying both."""
+    path = Path(name)
+    if path.exists():
+        if not allow_unmarked:
+            require_finished_stage(path, what=what)
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        require_finished_stage(path, stage="sft", what=what)  # a local path that is missing: raises with the fix
+    try:
+        return load()
+    except OSError as e:
+        if path.exists():
+            raise
+        raise StageNotFinishedError(
+            f"{what} {name!r} is neither a local directory (it does not exist: run `rlhf-fast sft ... "
+            f"output_dir={name}` first, or fix the path) nor a model that could be fetched from the Hugging Face "
+            f"hub ({str(e).splitlines()[0]})"
+        ) from e
+
+
+def load_stage_causal_lm(name: str, what: str, allow_unmarked: bool = False, attn_implementation: str | None = None):
+    """An fp32 causal LM from a finished stage directory (or, with ``allow_unmarked``, any local HF dir) or a
+    hub name (see ``load_from_stage``)."""
+    import torch
+
+    from rlhf_fast.models.loading import load_causal_lm
+
+    return load_from_stage(name, what, allow_unmarked, lambda: load_causal_lm(
+        name, dtype=torch.float32, attn_implementation=attn_implementation))
+
+
+def load_reward_model(model_name_or_path: str, tokenizer=None, allow_unmarked_model_dir: bool = False,
+                      attn_implementation: str | None = None, tokenizer_name_or_path: str | None = None):
+    """(AutoModelForSequenceClassification with num_labels=1, tokenizer) from a finished stage directory.
+
+    From an SFT directory the backbone weights are carried over and the ``score`` head is new
+    (initialised by transformers); from an RM directory everything is loaded. A local directory
+    without the COMPLETE marker is refused unless ``allow_unmarked_model_dir``.
+    """
+    import warnings
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from rlhf_fast.models.loading import ensure_pad_token, resolve_attn_implementation
+
+    def load():
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized score.weight" is expected from an SFT directory
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return AutoModelForSequenceClassification.from_pretrained(
+                    model_name_or_path, num_labels=1, dtype=torch.float32,
+                    attn_implementation=resolve_attn_implementation(attn_implementation),
+                )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    model = load_from_stage(model_name_or_path, "rm model_name_or_path", allow_unmarked_model_dir, load)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
+    ensure_pad_token(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from rlhf_fast.stage_io import (
+from rlhf_fast.stages.io import (
     COMPLETE_MARKER,
     StageDirectory,
     StageNotFinishedError,
@@ -89,7 +89,7 @@ def test_killed_stage_leaves_previous_output_intact(tmp_path, make_tiny_lm, tiny
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     script = textwrap.dedent(f"""
         import os, signal
-        from rlhf_fast.stage_io import StageDirectory
+        from rlhf_fast.stages.io import StageDirectory
         with StageDirectory({str(out)!r}, stage="rm") as d:
             (d.path / "metrics.jsonl").write_text("partial\\n")
             (d.path / "model.safetensors").write_bytes(b"half written")

@@ -22,24 +22,34 @@ it is 0 before the first update, when every implicit reward is 0), ``rewards/mar
 Training lines of ``metrics.jsonl`` average them over the micro-batches since the previous line;
 held-out lines carry them with an ``eval_`` prefix.
 
-Training reuses the SFT stage's loop (``rlhf_fast.sft.run_training_loop``: AdamW, warmup + decay,
+Training is the stages' loop (``rlhf_fast.stages.base.run_training_loop``: AdamW, warmup + decay,
 clipping, accumulation, length-grouped batches, non-finite step skipping) and writes a finished stage
-directory (``rlhf_fast.stage_io``).
+directory (``rlhf_fast.stages.io``).
 """
 from __future__ import annotations
 
 import gc
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_fast.config import config_to_dict
-from rlhf_fast.data import (
+from rlhf_fast.models.loading import get_backbone, get_lm_head
+from rlhf_fast.stages.base import (
+    DEMO,
+    StageResult,
+    StageTrainingArgs,
+    check_training_fields,
+    load_stage_policy,
+    preference_rows,
+    print_stage_summary,
+    resolve_device,
+    response_logprobs,
+    train_and_finish,
+)
+from rlhf_fast.stages.data import (
     DatasetFormatError,
     Rows,
     SFTExample,
@@ -48,26 +58,15 @@ from rlhf_fast.data import (
     load_preference_rows,
     tokenize_sft_rows,
 )
-from rlhf_fast.models.loading import get_backbone, get_lm_head
-from rlhf_fast.reward import preference_rows
-from rlhf_fast.sft import (
-    DEMO,
-    MetricsWriter,
-    StageTrainingArgs,
-    autocast_context,
-    check_training_fields,
-    resolve_device,
-    response_logprobs,
-    run_training_loop,
-    set_activation_checkpointing,
-    with_stage_tokenizer,
-)
-from rlhf_fast.stage_io import StageDirectory, StageNotFinishedError, require_finished_stage
+from rlhf_fast.stages.io import StageDirectory, load_stage_causal_lm
+from rlhf_fast.trainer.optim import autocast_ctx
 
 __all__ = [
     "DPOConfig", "DPOTrainer", "DPOResult", "DPOExample", "DPOLossOutput", "dpo_loss", "sequence_logps",
     "tokenize_dpo_rows", "collate_pairs", "load_dpo_rows", "compute_reference_logps", "evaluate_dpo", "train_dpo", "run_dpo_stage",
 ]
+
+DPOResult = StageResult
 
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
@@ -100,19 +99,10 @@ class DPOConfig(StageTrainingArgs):
 
     def __post_init__(self):
         check_training_fields(self)
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
             raise ValueError(f"beta must be > 0, got {self.beta!r}")
         if self.demo_num_pairs < 2:
             raise ValueError(f"demo_num_pairs must be >= 2, got {self.demo_num_pairs}")
-
-
-class DPOResult(NamedTuple):
-    output_dir: Path
-    model: nn.Module
-    tokenizer: Any
-    metrics: dict
 
 
 class DPOExample(NamedTuple):
@@ -223,7 +213,7 @@ def compute_reference_logps(model: nn.Module, examples: list[DPOExample], pad_id
     backbone, head = get_backbone(model), get_lm_head(model)
     for indices in length_grouped_batches(_pair_lengths(examples), batch_size, shuffle=False):
         batch = {k: v.to(device, non_blocking=True) for k, v in collate_pairs([examples[i] for i in indices], pad_id).items()}
-        with autocast_context(device, bf16):
+        with autocast_ctx(device, bf16):
             seq = sequence_logps(backbone, head, batch, chunk_size)
         idx = torch.tensor(indices, device=device)
         chosen[idx] = seq[: len(indices)]
@@ -272,29 +262,6 @@ def evaluate_dpo(model: nn.Module, examples: list[DPOExample], ref_chosen: torch
     return {**sums.means(), "pairs": len(examples)}
 
 
-# --------------------------------------------------------------------------- model + rows
-def _load_causal_lm_dir(name: str, what: str, allow_unmarked: bool, attn_implementation: str | None) -> nn.Module:
-    """A causal LM from a finished stage directory (or, with ``allow_unmarked``, any local HF dir) or a hub name."""
-    from rlhf_fast.models.loading import load_causal_lm
-
-    path = Path(name)
-    if path.exists():
-        if not allow_unmarked:
-            require_finished_stage(path, what=what)
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
-        require_finished_stage(path, stage="sft", what=what)  # a local path that is missing: raises with the fix
-    try:
-        return load_causal_lm(name, dtype=torch.float32, attn_implementation=attn_implementation)
-    except OSError as e:
-        if path.exists():
-            raise
-        raise StageNotFinishedError(
-            f"{what} {name!r} is neither a local directory (it does not exist: run `rlhf-fast sft ... "
-            f"output_dir={name}` first, or fix the path) nor a model that could be fetched from the Hugging Face "
-            f"hub ({str(e).splitlines()[0]})"
-        ) from e
-
-
 # --------------------------------------------------------------------------- trainer
 class DPOTrainer:
     """The DPO stage: ``DPOTrainer(cfg, ...).train()`` -> DPOResult (``train_dpo`` does exactly that).
@@ -329,25 +296,16 @@ class DPOTrainer:
 
     def _load_policy(self, model, tokenizer):
         cfg = self.cfg
-        if model is None:
-            if cfg.model_name_or_path == DEMO:
-                from rlhf_fast.demo_data import build_demo_model, build_demo_tokenizer, demo_corpus
-
-                if tokenizer is None:
-                    tokenizer = build_demo_tokenizer(demo_corpus().train, vocab_size=cfg.demo_vocab_size)
-                model = build_demo_model(tokenizer, seed=cfg.seed)
-            else:
-                model = _load_causal_lm_dir(cfg.model_name_or_path, "dpo model_name_or_path",
-                                            cfg.allow_unmarked_model_dir, cfg.attn_implementation)
-        return with_stage_tokenizer(cfg, model, tokenizer)
+        return load_stage_policy(cfg, model, tokenizer, lambda: load_stage_causal_lm(
+            cfg.model_name_or_path, "dpo model_name_or_path", cfg.allow_unmarked_model_dir, cfg.attn_implementation))
 
     def precompute_reference_logps(self) -> None:
         """Fill ``ref_train`` / ``ref_eval`` (fp32 [P] pairs on the device), then drop any reference model."""
         cfg = self.cfg
         ref, loaded = self._ref_model, False
         if ref is None and cfg.ref_model_name_or_path is not None:
-            ref = _load_causal_lm_dir(cfg.ref_model_name_or_path, "dpo ref_model_name_or_path",
-                                      cfg.allow_unmarked_model_dir, cfg.attn_implementation)
+            ref = load_stage_causal_lm(cfg.ref_model_name_or_path, "dpo ref_model_name_or_path",
+                                       cfg.allow_unmarked_model_dir, cfg.attn_implementation)
             loaded = True
         if ref is None:
             ref = self.model
@@ -382,8 +340,6 @@ class DPOTrainer:
         cfg, device = self.cfg, self.device
         model = self.model.to(device)
         self.precompute_reference_logps()
-        if cfg.gradient_checkpointing:
-            set_activation_checkpointing(model, True)
         backbone, head = get_backbone(model), get_lm_head(model)
         ref_chosen, ref_rejected = self.ref_train
         examples, pad_id = self.train_examples, self.pad_id
@@ -404,21 +360,9 @@ class DPOTrainer:
             means.pop("loss")  # the loop logs the step loss itself
             return means
 
-        with self.stage_dir:
-            metrics = MetricsWriter(self.stage_dir.path / "metrics.jsonl")
-            try:
-                hist = run_training_loop(
-                    model=model, cfg=cfg, stage="dpo", num_examples=len(examples), lengths=_pair_lengths(examples),
-                    micro_loss=micro_loss, count_units=len, evaluate=self.evaluate, metrics=metrics,
-                    extra_metrics=extra_metrics, on_step_end=on_step_end,
-                )
-            finally:
-                metrics.close()
-            model.eval()
-            if cfg.gradient_checkpointing:
-                set_activation_checkpointing(model, False)
+        def summarize(hist):
             first, last = hist["initial_eval"], hist["final_eval"]
-            summary = {
+            return {
                 "train_pairs": len(examples), "eval_pairs": len(self.eval_examples), "steps": hist["steps"],
                 "beta": cfg.beta, "train_loss": hist["train_loss"],
                 "initial_eval_loss": first["loss"], "final_eval_loss": last["loss"],
@@ -428,9 +372,12 @@ class DPOTrainer:
                 "skipped_nonfinite_steps": hist["skipped_nonfinite_steps"], "dataset": self.train_rows.source,
                 "reference": cfg.ref_model_name_or_path or "initial policy",
             }
-            (self.stage_dir.path / "stage_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-            out = self.stage_dir.finish(model, self.tokenizer, summary)
-        return DPOResult(out, model, self.tokenizer, summary)
+
+        return train_and_finish(
+            self.stage_dir, model=model, tokenizer=self.tokenizer, cfg=cfg, summarize=summarize,
+            num_examples=len(examples), lengths=_pair_lengths(examples), micro_loss=micro_loss, count_units=len,
+            evaluate=self.evaluate, extra_metrics=extra_metrics, on_step_end=on_step_end,
+        )
 
 
 def train_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None, train_dataset=None,
@@ -446,6 +393,4 @@ def train_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None, tr
 def run_dpo_stage(cfg: DPOConfig) -> int:
     """The ``rlhf-fast dpo`` command body: train, then print the output directory and the summary."""
     result = train_dpo(cfg)
-    print(f"dpo: finished stage directory {result.output_dir}")
-    print(json.dumps(result.metrics, indent=2, default=str))
-    return 0
+    return print_stage_summary("dpo", result.output_dir, result.metrics)

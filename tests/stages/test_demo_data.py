@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rlhf_fast import demo_data as dd
+from rlhf_fast.stages import demo_data as dd
 
 TARGET_ORDERED = sorted(dd.TARGET_WORDS)
 
@@ -91,7 +91,7 @@ def test_corpus_split_is_deterministic_and_disjoint():
 def test_fallback_corpus_when_pydoc_data_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # makes the import fail
     text, source = dd.load_corpus_text()
-    assert source == "rlhf_fast/data/corpus.txt"
+    assert source == "rlhf_fast/stages/demo_corpus.txt"
     assert "#" not in text.splitlines()[0][:1]
     paras = dd.corpus_paragraphs(text)
     assert len(paras) >= 100

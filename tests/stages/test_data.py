@@ -1,4 +1,4 @@
-"""rlhf_fast.data: loading + validation errors that name file and line, chat formatting, tokenizing, batching."""
+"""rlhf_fast.stages.data: loading + validation errors that name file and line, chat formatting, tokenizing, batching."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from rlhf_fast.data import (
+from rlhf_fast.stages.data import (
     DatasetFormatError,
     SFTExample,
     collate_sft,
@@ -32,7 +32,7 @@ PREF_ROWS = [{"prompt": "p", "chosen": " good", "rejected": " bad", "margin": 0.
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from rlhf_fast.demo_data import build_demo_tokenizer, demo_corpus
+    from rlhf_fast.stages.demo_data import build_demo_tokenizer, demo_corpus
 
     return build_demo_tokenizer(demo_corpus().train[:100], vocab_size=320)
 

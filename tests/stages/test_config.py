@@ -1,4 +1,4 @@
-"""rlhf_fast.config: YAML sections + key=value overrides, typed and checked, for any dataclass."""
+"""rlhf_fast.stages.config: YAML sections + key=value overrides, typed and checked, for any dataclass."""
 from __future__ import annotations
 
 import enum
@@ -7,7 +7,13 @@ from typing import Literal
 
 import pytest
 
-from rlhf_fast.config import ConfigError, coerce_value, config_to_dict, load_stage_config, parse_overrides
+from rlhf_fast.stages.config import (
+    ConfigError,
+    coerce_value,
+    config_to_dict,
+    load_stage_config,
+    parse_overrides,
+)
 
 
 class Mode(enum.Enum):
@@ -136,8 +142,8 @@ def test_post_init_validation_becomes_config_error():
 
 
 def test_stage_configs_load_from_the_demo_file():
-    from rlhf_fast.reward import RewardConfig
-    from rlhf_fast.sft import SFTConfig
+    from rlhf_fast.stages.reward import RewardConfig
+    from rlhf_fast.stages.sft import SFTConfig
 
     sft = load_stage_config(SFTConfig, "configs/demo.yaml", "sft", ["max_steps=7"])
     assert sft.max_steps == 7 and sft.model_name_or_path == "demo" and sft.learning_rate == 3e-3

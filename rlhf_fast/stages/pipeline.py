@@ -1,16 +1,11 @@
-"""The PPO stage and the whole RLHF pipeline (SFT -> reward model -> PPO) on one config file.
-
-``rlhf-fast ppo --config FILE`` runs ``run_ppo_stage``: the policy from a finished SFT directory
-(``sft_model_path``), the reward model from a finished RM directory (``reward_model_path``), prompts
-from ``dataset`` (a .jsonl/.json/.parquet file with a ``prompt`` column, or "demo"). It writes PPO's
-checkpoints and metrics under ``output_dir`` and the final policy as a finished stage directory
-``output_dir/model``.
+"""The whole RLHF pipeline (SFT -> reward model -> PPO) on one config file, with the demo's gold judge.
 
 ``rlhf-fast pipeline --config configs/demo.yaml`` (= ``make demo``) runs the embedded default with no
 network: SFT on pydoc text -> pairs sampled from the SFT model and labelled by the pinned gold judge
-(rlhf_fast.demo_data) -> reward model on those noisy labels -> PPO against the learned reward with a KL
-penalty -> samples on held-out prompts before and after PPO, judged by the gold judge that PPO never
+(rlhf_fast.stages.demo_data) -> reward model on those noisy labels -> PPO against the learned reward with a
+KL penalty -> samples on held-out prompts before and after PPO, judged by the gold judge that PPO never
 saw. Everything lands in ``runs/demo/`` (``summary.json``, ``report.md``, plots, samples, metrics).
+This module orchestrates the stages (``sft``, ``reward``, ``ppo``); it is the one that calls them.
 """
 from __future__ import annotations
 
@@ -24,65 +19,19 @@ from pathlib import Path
 
 import torch
 
-DEMO = "demo"
+from rlhf_fast.stages.demo_data import (
+    demo_corpus,
+    distinct_n,
+    gold_prefers,
+    gold_reward,
+    preference_label,
+    prompts_from_paragraphs,
+)
 
-
-# ============================================================================ prompts
-def ppo_prompt_rows(source, tokenizer, split: str = "train") -> list[dict]:
-    """Prompt rows ``{"prompt": str, "input_ids": [...]}`` from a file / rows / "demo" (opening words of
-    train or held-out paragraphs). Errors name the file and line (rlhf_fast.data)."""
-    from rlhf_fast.data import load_rows
-
-    if isinstance(source, str) and source == DEMO:
-        from rlhf_fast.demo_data import demo_corpus, prompts_from_paragraphs
-
-        corpus = demo_corpus()
-        texts = prompts_from_paragraphs(corpus.train if split == "train" else corpus.heldout)
-    else:
-        rows = load_rows(source, name="ppo dataset")
-        texts = []
-        for row, where in zip(rows.rows, rows.locations):
-            if "prompt" not in row or not isinstance(row["prompt"], str) or not row["prompt"].strip():
-                raise ValueError(f"{where}: a PPO prompt row needs a non-empty 'prompt' string, got keys {sorted(row)}")
-            texts.append(row["prompt"])
-    if not texts:
-        raise ValueError(f"no prompts found in {source!r}")
-    ids = tokenizer(texts)["input_ids"]
-    return [{"prompt": t, "input_ids": i} for t, i in zip(texts, ids)]
-
-
-# ============================================================================ PPO stage
-def run_ppo_stage(cfg, callbacks=None, train_rows=None, eval_rows=None, on_trainer=None):
-    """Train PPO from finished SFT and RM stage directories; returns (trainer, final stage dir).
-
-    on_trainer: optional function called with the PPOTrainer before training (e.g. to watch rollouts)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf_fast.models import ensure_pad_token
-    from rlhf_fast.reward import load_reward_model
-    from rlhf_fast.stage_io import StageDirectory, require_finished_stage
-    from rlhf_fast.trainer import PPOTrainer
-
-    require_finished_stage(cfg.sft_model_path, what="ppo sft_model_path")
-    final_dir = Path(cfg.output_dir) / "model"
-    stage = StageDirectory(final_dir, stage="ppo")  # refuse a bad output dir before training
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(cfg.sft_model_path))
-    policy = AutoModelForCausalLM.from_pretrained(cfg.sft_model_path, dtype=torch.float32)
-    reward, _ = load_reward_model(cfg.reward_model_path, tokenizer=tokenizer)
-    train_rows = train_rows if train_rows is not None else ppo_prompt_rows(cfg.dataset, tokenizer, "train")
-    if eval_rows is None and cfg.eval_dataset:
-        eval_rows = ppo_prompt_rows(cfg.eval_dataset, tokenizer, "heldout")
-    trainer = PPOTrainer(cfg, tokenizer, policy, None, reward, train_rows, eval_dataset=eval_rows,
-                         callbacks=callbacks)
-    if on_trainer is not None:
-        on_trainer(trainer)
-    trainer.train()
-    last = trainer.state.log_history[-1] if trainer.state.log_history else {}
-    summary = {k: last[k] for k in ("objective/scores", "objective/kl", "objective/rlhf_reward") if k in last}
-    summary.update(steps=trainer.state.global_step, episodes=trainer.state.episode)
-    with stage as d:
-        d.finish(trainer.model.policy, tokenizer, summary)
-    return trainer, final_dir
+__all__ = [
+    "PipelineConfig", "GoldTracker", "run_pipeline", "split_overrides", "sample_texts", "preference_pairs",
+    "pair_prompt_count",
+]
 
 
 # ============================================================================ sampling for evaluation
@@ -90,7 +39,7 @@ def run_ppo_stage(cfg, callbacks=None, train_rows=None, eval_rows=None, on_train
 def sample_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int,
                  batch_size: int = 64) -> list[str]:
     """One sampled completion per prompt (counter-based seeds per prompt index: reproducible)."""
-    from rlhf_fast.trainer.ppo import left_pad
+    from rlhf_fast.trainer import left_pad
     from rlhf_fast.trainer.rollout import generate, prompt_seeds
 
     model.eval()
@@ -118,8 +67,6 @@ def preference_pairs(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     Each pair is two independent samples for the same prompt whatever k is, so k only changes how many
     labelled pairs one batch of samples yields, not the distribution of a pair.
     """
-    from rlhf_fast.demo_data import gold_prefers, gold_reward, preference_label
-
     if samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be >= 2 (a pair needs two samples), got {samples_per_prompt}")
     # sample j of every prompt uses its own seed stream; j = 0, 1 are the streams of the two-sample version
@@ -178,8 +125,6 @@ class GoldTracker:
     def callback(self):
         from transformers import TrainerCallback
 
-        from rlhf_fast.demo_data import gold_reward
-
         tracker = self
 
         class _Gold(TrainerCallback):
@@ -200,10 +145,10 @@ class GoldTracker:
 
 
 def _stage_configs(config_path, overrides: dict[str, list[str]]):
-    from rlhf_fast.config import load_stage_config
-    from rlhf_fast.reward import RewardConfig
-    from rlhf_fast.sft import SFTConfig
-    from rlhf_fast.trainer.ppo_config import PPOConfig
+    from rlhf_fast.stages.config import load_stage_config
+    from rlhf_fast.stages.reward import RewardConfig
+    from rlhf_fast.stages.sft import SFTConfig
+    from rlhf_fast.trainer import PPOConfig
 
     with_pipe = config_path is not None and _has_section(config_path, "pipeline")
     pipe = load_stage_config(PipelineConfig, config_path if with_pipe else None, "pipeline" if with_pipe else None,
@@ -244,10 +189,11 @@ def split_overrides(items: list[str]) -> dict[str, list[str]]:
 
 def run_pipeline(config_path=None, overrides: list[str] | None = None) -> dict:
     """SFT -> RM (on SFT samples labelled by the gold judge) -> PPO -> report. Returns summary.json's dict."""
-    from rlhf_fast.demo_data import demo_corpus, distinct_n, gold_reward, prompts_from_paragraphs
-    from rlhf_fast.reward import train_reward_model
-    from rlhf_fast.sft import train_sft
-    from rlhf_fast.stage_io import is_finished_stage
+    from rlhf_fast.stages.io import is_finished_stage
+    from rlhf_fast.stages.ppo import train_ppo
+    from rlhf_fast.stages.report import make_plots, write_report
+    from rlhf_fast.stages.reward import train_reward_model
+    from rlhf_fast.stages.sft import train_sft
 
     t0 = time.time()
     pipe, sft_cfg, rm_cfg, ppo_cfg = _stage_configs(config_path, split_overrides(overrides or []))
@@ -305,7 +251,7 @@ def run_pipeline(config_path=None, overrides: list[str] | None = None) -> dict:
     print("[pipeline] 4/4 PPO against the learned reward model", flush=True)
     tracker = GoldTracker(tokenizer)
     train_rows = [{"prompt": p, "input_ids": i} for p, i in zip(train_prompts, tokenizer(train_prompts)["input_ids"])]
-    trainer, ppo_dir = run_ppo_stage(ppo_cfg, callbacks=[tracker.callback()], train_rows=train_rows,
+    trainer, ppo_dir = train_ppo(ppo_cfg, callbacks=[tracker.callback()], train_rows=train_rows,
                                      on_trainer=lambda tr: setattr(tracker, "trainer", tr))
     timings["ppo_seconds"] = time.time() - t
 
@@ -354,88 +300,3 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-
-
-def make_plots(out: Path, gold_rows: list[dict], rm_dir) -> list[str]:
-    """ppo_curves.png (proxy reward, gold reward, KL per PPO step) and rm_accuracy.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    if gold_rows:
-        steps = [r["step"] for r in gold_rows]
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        for ax, key, label in zip(axes, ("proxy_reward", "gold_reward", "kl"),
-                                  ("proxy reward (learned RM)", "gold reward (judge, unseen by PPO)", "KL to reference")):
-            ax.plot(steps, [r[key] if r[key] is not None else math.nan for r in gold_rows], marker=".")
-            ax.set_title(label)
-            ax.set_xlabel("PPO step")
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "ppo_curves.png", dpi=100)
-        plt.close(fig)
-        paths.append("ppo_curves.png")
-    rm_metrics = Path(rm_dir) / "metrics.jsonl"
-    if rm_metrics.is_file():
-        pts = [json.loads(x) for x in rm_metrics.read_text().splitlines() if x.strip()]
-        pts = [(p["step"], p["eval_accuracy"]) for p in pts if "eval_accuracy" in p]
-        if pts:
-            fig, ax = plt.subplots(figsize=(5, 3.6))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-            ax.axhline(0.75, color="gray", ls="--", lw=1, label="target 0.75")
-            ax.set_title("RM held-out agreement with the gold judge")
-            ax.set_xlabel("RM step")
-            ax.set_ylim(0, 1)
-            ax.legend()
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(out / "rm_accuracy.png", dpi=100)
-            plt.close(fig)
-            paths.append("rm_accuracy.png")
-    return paths
-
-
-def write_report(out: Path, summary: dict, plots: list[str], prompts, sft_samples, ppo_samples, g_sft, g_ppo) -> None:
-    from rlhf_fast.demo_data import gold_reward
-
-    lines = [
-        "# rlhf_fast demo: SFT -> reward model -> PPO on a 2-core CPU",
-        "",
-        "A tiny Qwen2 (hidden 128, 2 layers) with a byte-level BPE tokenizer trained on Python's own",
-        "documentation text (`pydoc_data.topics`). Preference pairs are the SFT model's own samples,",
-        "labelled by a pinned *gold judge* with noise; the reward model learns from those labels; PPO",
-        "optimises the learned reward with a KL penalty and never sees the gold judge.",
-        "",
-        "Gold judge (`rlhf_fast.demo_data.gold_reward`): words = lowercase `[a-z]+` runs, n = len(words)",
-        "(n = 0 gives -1); gold = 2 x share of words in TARGET - share of repeated word bigrams",
-        "- 0.5 x min(1, |n - 30| / 30); labels: P(a preferred) = sigmoid(5 x (gold(a) - gold(b))).",
-        "TARGET = {function object value return list string module class method argument default example",
-        "type number error file name data code statement}.",
-        "",
-        "## Results",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    for k in ("gold_reward_sft", "gold_reward_ppo", "gold_reward_sft_std", "rm_heldout_accuracy", "final_kl",
-              "distinct2_sft", "distinct2_ppo", "ppo_steps", "wall_seconds"):
-        v = summary[k]
-        lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    lines += ["", "| target | met |", "|---|---|"]
-    lines += [f"| {k} | {'yes' if v else 'NO'} |" for k, v in summary["targets"].items()]
-    lines.append("")
-    for p in plots:
-        lines += [f"![{p}]({p})", ""]
-    lines += ["## Samples on held-out prompts (same sampling seed before and after PPO)", ""]
-    order = sorted(range(len(prompts)), key=lambda i: g_sft[i] - g_ppo[i])[:3] + list(range(3))
-    seen = set()
-    for i in order:
-        if i in seen:
-            continue
-        seen.add(i)
-        lines += [f"**Prompt:** {prompts[i]}", "",
-                  f"- SFT (gold {gold_reward(sft_samples[i]):+.2f}): {sft_samples[i].strip()}",
-                  f"- PPO (gold {gold_reward(ppo_samples[i]):+.2f}): {ppo_samples[i].strip()}", ""]
-    (out / "report.md").write_text("\n".join(lines))

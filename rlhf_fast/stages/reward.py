@@ -13,33 +13,20 @@ one function training, evaluation and PPO's ``ModelReward`` pool with, so a mode
 all three. ``config.pad_token_id`` is set, so the model's own ``forward`` pools correctly too when
 pad != eos — for "last" pooling only: Hugging Face's ``forward`` knows no mean pooling.
 
-Training reuses the SFT stage's loop (AdamW, warmup + decay, clipping, accumulation, length-grouped
-batches, tqdm, metrics.jsonl); chosen and rejected of a micro-batch run in one forward. Held-out
+Training is the stages' loop (``rlhf_fast.stages.base``: AdamW, warmup + decay, clipping, accumulation,
+length-grouped batches, tqdm, metrics.jsonl); chosen and rejected of a micro-batch run in one forward. Held-out
 accuracy = share of pairs with r_chosen > r_rejected (ties count as wrong).
 """
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_fast.config import config_to_dict
-from rlhf_fast.data import (
-    PreferenceExample,
-    Rows,
-    length_grouped_batches,
-    load_preference_rows,
-    pad_sequences,
-    split_rows,
-    tokenize_preference_rows,
-)
-from rlhf_fast.models.loading import backbone_hidden, ensure_pad_token, position_ids_from_mask
+from rlhf_fast.models.loading import backbone_hidden, position_ids_from_mask
 from rlhf_fast.models.reward import (
     POOLING_CONFIG_KEY,
     REWARD_POOLINGS,
@@ -49,22 +36,32 @@ from rlhf_fast.models.reward import (
     reward_pooling,
     score_head,
 )
-from rlhf_fast.sft import (
+from rlhf_fast.stages.base import (
     DEMO,
-    MetricsWriter,
+    StageResult,
     StageTrainingArgs,
-    autocast_context,
     check_training_fields,
+    preference_rows,
+    print_stage_summary,
     resolve_device,
-    run_training_loop,
-    set_activation_checkpointing,
+    train_and_finish,
+    with_stage_tokenizer,
 )
-from rlhf_fast.stage_io import StageDirectory, StageNotFinishedError, require_finished_stage
+from rlhf_fast.stages.data import (
+    PreferenceExample,
+    length_grouped_batches,
+    pad_sequences,
+    tokenize_preference_rows,
+)
+from rlhf_fast.stages.io import StageDirectory, load_reward_model
+from rlhf_fast.trainer.optim import autocast_ctx
 
 __all__ = [
     "RewardConfig", "RewardResult", "bradley_terry_loss", "sequence_scores", "evaluate_reward_model",
-    "load_reward_model", "train_reward_model",
+    "load_reward_model", "train_reward_model", "run_rm_stage",
 ]
+
+RewardResult = StageResult
 
 
 @dataclass
@@ -92,19 +89,10 @@ class RewardConfig(StageTrainingArgs):
 
     def __post_init__(self):
         check_training_fields(self)
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.pooling not in REWARD_POOLINGS:
             raise ValueError(f"pooling must be one of {REWARD_POOLINGS}, got {self.pooling!r}")
         if self.demo_num_pairs < 2:
             raise ValueError(f"demo_num_pairs must be >= 2, got {self.demo_num_pairs}")
-
-
-class RewardResult(NamedTuple):
-    output_dir: Path
-    model: nn.Module
-    tokenizer: Any
-    metrics: dict
 
 
 # --------------------------------------------------------------------------- math
@@ -168,7 +156,7 @@ def evaluate_reward_model(model: nn.Module, examples: list[PreferenceExample], p
     gap_sum = torch.zeros((), device=device)
     for indices in length_grouped_batches(lengths, batch_size, shuffle=False):
         ids, mask, margins = _pair_batch([examples[i] for i in indices], pad_id, device)
-        with autocast_context(device, bf16):
+        with autocast_ctx(device, bf16):
             scores = sequence_scores(model, ids, mask)
         rc, rr = scores[: len(indices)], scores[len(indices):]
         correct += (rc > rr).sum()
@@ -180,78 +168,6 @@ def evaluate_reward_model(model: nn.Module, examples: list[PreferenceExample], p
 
 
 # --------------------------------------------------------------------------- model + data
-def load_reward_model(model_name_or_path: str, tokenizer=None, allow_unmarked_model_dir: bool = False,
-                      attn_implementation: str | None = None, tokenizer_name_or_path: str | None = None):
-    """(AutoModelForSequenceClassification with num_labels=1, tokenizer) from a finished stage directory.
-
-    From an SFT directory the backbone weights are carried over and the ``score`` head is new
-    (initialised by transformers); from an RM directory everything is loaded. A local directory
-    without the COMPLETE marker is refused unless ``allow_unmarked_model_dir``.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from rlhf_fast.models.loading import resolve_attn_implementation
-
-    path = Path(model_name_or_path)
-    if path.exists():
-        if not allow_unmarked_model_dir:
-            require_finished_stage(path, what="rm model_name_or_path")
-    elif model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") > 1 or "\\" in model_name_or_path:
-        require_finished_stage(path, stage="sft", what="rm model_name_or_path")  # a local path that is missing: raises
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized score.weight" is expected from an SFT directory
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    model_name_or_path, num_labels=1, dtype=torch.float32,
-                    attn_implementation=resolve_attn_implementation(attn_implementation),
-                )
-            except OSError as e:
-                if path.exists():
-                    raise
-                raise StageNotFinishedError(
-                    f"rm model_name_or_path {model_name_or_path!r} is neither a local directory (it does not exist: "
-                    f"run `rlhf-fast sft ... output_dir={model_name_or_path}` first, or fix the path) nor a model "
-                    f"that could be fetched from the Hugging Face hub ({str(e).splitlines()[0]})"
-                ) from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
-    ensure_pad_token(tokenizer)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def preference_rows(cfg, train_dataset, eval_dataset, load=load_preference_rows) -> tuple[Rows, Rows]:
-    """Train and held-out preference rows of a stage (RM or DPO): the embedded demo pairs, or ``load``
-    (the stage's row loader) over the given datasets / config paths, splitting eval_fraction off when
-    no held-out set is given."""
-    if train_dataset is None and cfg.dataset == DEMO:
-        from rlhf_fast.demo_data import demo_corpus, synthetic_preference_rows
-
-        split = demo_corpus()
-        n_eval = max(1, round(cfg.demo_num_pairs * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
-        train = synthetic_preference_rows(split.train, cfg.demo_num_pairs - n_eval, seed=cfg.seed,
-                                          noisy=cfg.demo_noisy_labels)
-        # Held-out pairs come from held-out paragraphs and carry noiseless labels: accuracy then
-        # measures agreement with the gold judge itself.
-        ev = synthetic_preference_rows(split.heldout, n_eval, seed=cfg.seed + 1, noisy=False) if n_eval else []
-        return (load(train, name="demo preference pairs"),
-                load(ev, name="demo held-out pairs") if ev else Rows([], [], "none"))
-    train = load(train_dataset if train_dataset is not None else cfg.dataset, name="dataset")
-    if eval_dataset is None and cfg.eval_dataset is not None:
-        eval_dataset = cfg.eval_dataset
-    if eval_dataset is not None:
-        return train, load(eval_dataset, name="eval_dataset")
-    if cfg.eval_fraction > 0 and len(train.rows) >= 2:
-        return split_rows(train, cfg.eval_fraction, cfg.seed)
-    return train, Rows([], [], "none")
-
-
 def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokenizer=None, train_dataset=None,
                        eval_dataset=None) -> RewardResult:
     """Run the reward-model stage and write ``cfg.output_dir`` as a finished stage directory.
@@ -278,8 +194,7 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
             raise ValueError(f"reward model must have num_labels=1, got {head.out_features}")
         if tokenizer is None:
             raise ValueError("an in-memory reward model needs tokenizer=")
-        ensure_pad_token(tokenizer)
-        model.config.pad_token_id = tokenizer.pad_token_id
+        model, tokenizer = with_stage_tokenizer(cfg, model, tokenizer)
     # The stage's pooling is part of the model: written into config.json, read back by ModelReward.
     setattr(model.config, POOLING_CONFIG_KEY, cfg.pooling)
     train_rows, eval_rows = preference_rows(cfg, train_dataset, eval_dataset)
@@ -288,8 +203,6 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
     train_ex = tokenize_preference_rows(train_rows, tokenizer, **tok_kw)
     eval_ex = tokenize_preference_rows(eval_rows, tokenizer, **tok_kw) if eval_rows.rows else []
     model.to(device)
-    if cfg.gradient_checkpointing:
-        set_activation_checkpointing(model, True)
     pad_id = tokenizer.pad_token_id
     lengths = [max(len(e.chosen_ids), len(e.rejected_ids)) for e in train_ex]
 
@@ -306,19 +219,8 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
     def evaluate():
         return evaluate_reward_model(model, eval_ex, pad_id, cfg.per_device_eval_batch_size, cfg.use_margin, cfg.bf16)
 
-    with stage_dir:
-        metrics = MetricsWriter(stage_dir.path / "metrics.jsonl")
-        try:
-            hist = run_training_loop(
-                model=model, cfg=cfg, stage="rm", num_examples=len(train_ex), lengths=lengths,
-                micro_loss=micro_loss, count_units=len, evaluate=evaluate, metrics=metrics,
-            )
-        finally:
-            metrics.close()
-        model.eval()
-        if cfg.gradient_checkpointing:
-            set_activation_checkpointing(model, False)
-        summary = {
+    def summarize(hist):
+        return {
             "train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "steps": hist["steps"],
             "train_loss": hist["train_loss"],
             "initial_eval_accuracy": hist["initial_eval"]["accuracy"], "initial_eval_loss": hist["initial_eval"]["loss"],
@@ -328,6 +230,13 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
             "skipped_nonfinite_steps": hist["skipped_nonfinite_steps"], "dataset": train_rows.source,
             "pooling": cfg.pooling,
         }
-        (stage_dir.path / "stage_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        out = stage_dir.finish(model, tokenizer, summary)
-    return RewardResult(out, model, tokenizer, summary)
+
+    return train_and_finish(stage_dir, model=model, tokenizer=tokenizer, cfg=cfg, summarize=summarize,
+                            num_examples=len(train_ex), lengths=lengths, micro_loss=micro_loss, count_units=len,
+                            evaluate=evaluate)
+
+
+def run_rm_stage(cfg: RewardConfig) -> int:
+    """The ``rlhf-fast rm`` command body: train, then print the output directory and the summary."""
+    result = train_reward_model(cfg)
+    return print_stage_summary("rm", result.output_dir, result.metrics)

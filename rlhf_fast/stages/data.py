@@ -1,4 +1,4 @@
-"""Datasets for the SFT and reward-model stages: loading, validation, chat formatting, tokenizing, batching.
+"""Datasets for the stages (SFT, reward model, DPO, PPO prompts): loading, validation, chat formatting, tokenizing, batching.
 
 Sources: a local ``.jsonl`` / ``.json`` / ``.parquet`` file, a directory written by
 ``datasets.Dataset.save_to_disk``, a ``datasets.Dataset``, or an in-memory list of dicts.

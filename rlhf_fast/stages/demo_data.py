@@ -2,7 +2,7 @@
 
 Everything here works offline: the corpus is English text that ships with Python
 (``pydoc_data.topics``, the interactive help's language-reference topics; when a Python install
-lacks that module, ``rlhf_fast/data/corpus.txt`` is used), the tokenizer is a byte-level BPE
+lacks that module, ``rlhf_fast/stages/demo_corpus.txt`` is used), the tokenizer is a byte-level BPE
 trained on that corpus with ``tokenizers``, and the model is a Qwen2-style config with random
 weights.
 
@@ -112,9 +112,9 @@ def load_corpus_text() -> tuple[str, str]:
     try:
         from pydoc_data.topics import topics
     except ImportError:
-        text = resources.files("rlhf_fast").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+        text = resources.files("rlhf_fast.stages").joinpath("demo_corpus.txt").read_text(encoding="utf-8")
         text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-        return text, "rlhf_fast/data/corpus.txt"
+        return text, "rlhf_fast/stages/demo_corpus.txt"
     return "\n\n".join(topics[k] for k in sorted(topics)), "pydoc_data.topics"
 
 
