@@ -24,8 +24,8 @@ __all__ += ["ModelOutput", "PolicyValueModel", "make_reward"]
 
 # The trainers import transformers (seconds): load them on first use, not on `import rlhf_fast`.
 _LAZY = {
-    "PPOConfig": "rlhf_fast.trainer.ppo_config",
-    "PPOTrainer": "rlhf_fast.trainer.ppo",
+    "PPOConfig": "rlhf_fast.trainer",
+    "PPOTrainer": "rlhf_fast.trainer",
     "SFTConfig": "rlhf_fast.stages.sft",
     "train_sft": "rlhf_fast.stages.sft",
     "RewardConfig": "rlhf_fast.stages.reward",

@@ -16,11 +16,9 @@ sharded by rank, whitening statistics and token counts are global, gradients are
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,19 +36,12 @@ from rlhf_fast.trainer.batching import (
 from rlhf_fast.trainer.controllers import KLController, RunningMoments
 from rlhf_fast.trainer.distributed import all_reduce_sum, rank_and_world_size
 from rlhf_fast.trainer.logging import MetricsLogger, step_metrics
+from rlhf_fast.trainer.optim import autocast_ctx, build_adamw, build_hf_scheduler
 from rlhf_fast.trainer.ppo_config import PPOConfig
 from rlhf_fast.trainer.ppo_step import Advantages, RolloutForward
 from rlhf_fast.trainer.rollout import Rollout, prompt_seeds
-from rlhf_fast.trainer.setup import build_policy_value, build_reward, plan_batches
+from rlhf_fast.trainer.setup import build_policy_value, build_reward, new_trainer_state, plan_batches
 from rlhf_fast.trainer.signals import StopSignal
-
-
-def autocast_ctx(device: torch.device, bf16: bool, fp16: bool = False):
-    if bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if fp16:
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 class NonFiniteError(RuntimeError):
@@ -131,7 +122,7 @@ class PPOTrainer:
         from transformers import TrainerControl
         from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
-        self.state = self._new_state()
+        self.state = new_trainer_state(args, len(self.prompts), self.is_main)
         self.control = TrainerControl()
         self.callback_handler = CallbackHandler([DefaultFlowCallback] + list(callbacks or []), self.model,
                                                 self.tokenizer, self.optimizer, self.lr_scheduler)
@@ -166,26 +157,15 @@ class PPOTrainer:
 
     def _create_optimizer(self) -> torch.optim.Optimizer:
         a = self.args
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused=True: one kernel for every tensor (CPU and CUDA) instead of a Python loop over parameters.
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                    for p in params) and not (self.world_size > 1 and a.distributed_strategy == "fsdp2")
-        return torch.optim.AdamW(groups, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
-                                 fused=fused or None, foreach=None if fused else True)
+        return build_adamw(self.model.parameters(), lr=a.learning_rate, weight_decay=a.weight_decay,
+                           betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                           fused_allowed=not (self.world_size > 1 and a.distributed_strategy == "fsdp2"))
 
     def _create_scheduler(self):
-        from transformers import get_scheduler
-
         a = self.args
-        steps = a.num_total_batches
-        warmup = a.warmup_steps if a.warmup_steps >= 1 or a.warmup_steps == 0 else math.ceil(a.warmup_steps * steps)
-        if not warmup and getattr(a, "warmup_ratio", None):
-            warmup = math.ceil(a.warmup_ratio * steps)
-        return get_scheduler(a.lr_scheduler_type, self.optimizer, num_warmup_steps=int(warmup),
-                             num_training_steps=steps, scheduler_specific_kwargs=a.lr_scheduler_kwargs or {})
+        return build_hf_scheduler(self.optimizer, a.lr_scheduler_type, total_steps=a.num_total_batches,
+                                  warmup_steps=a.warmup_steps, warmup_ratio=getattr(a, "warmup_ratio", None),
+                                  scheduler_kwargs=a.lr_scheduler_kwargs)
 
     def _wrap_distributed(self):
         """DDP or FSDP2 over the trainable model when a process group exists; under FSDP2 the frozen
@@ -198,21 +178,6 @@ class PPOTrainer:
         if self.args.distributed_strategy == "fsdp2":
             shard_frozen_models(self)
         return wrapped
-
-    def _new_state(self):
-        from transformers import TrainerState
-
-        state = TrainerState()
-        state.episode = 0  # TRL's OnlineTrainerState field
-        state.is_local_process_zero = self.is_main
-        state.is_world_process_zero = self.is_main
-        a = self.args
-        state.max_steps = a.num_total_batches
-        state.num_train_epochs = a.total_episodes / (len(self.prompts) * a.num_generations)
-        state.logging_steps = math.ceil(a.logging_steps * state.max_steps) if a.logging_steps < 1 else int(a.logging_steps)
-        state.save_steps = math.ceil(a.save_steps * state.max_steps) if a.save_steps < 1 else int(a.save_steps)
-        state.eval_steps = state.logging_steps
-        return state
 
     # ------------------------------------------------------------------ public API
     def get_train_dataloader(self):
@@ -510,12 +475,8 @@ class PPOTrainer:
                 ro = ppo_step.generate_rollout(self.model, ids, pmask, response_length=a.response_length,
                                                temperature=0.0, pad_token_id=self.pad_token_id,
                                                stop_token_ids=self._stop_ids(), chunk_size=bs)
-            scores = ppo_step.score_rollout(self.reward, self.tokenizer, ro, pmask)
-            q = self.tokenizer.batch_decode([r[m.bool()] for r, m in zip(ids, pmask)], skip_special_tokens=True)
-            c = self.tokenizer.batch_decode([r[m] for r, m in zip(ro.responses, ro.response_mask)],
-                                            skip_special_tokens=True)
-            rows += [{"step": self.state.global_step, "query": qq, "model response": cc, "score": float(sc)}
-                     for qq, cc, sc in zip(q, c, scores)]
+            rows += [{"step": self.state.global_step, **row}
+                     for row in ppo_step.scored_completions(self.reward, self.tokenizer, ro, pmask)]
             if sampling:
                 break
         if self.is_main:
@@ -528,10 +489,3 @@ class PPOTrainer:
         self._completions_rows += rows
         return rows
 
-
-def train_ppo(args: PPOConfig, **kwargs: Callable) -> PPOTrainer:
-    """Build a PPOTrainer from keyword arguments, train it and save the final model to output_dir."""
-    trainer = PPOTrainer(args, **kwargs)
-    trainer.train()
-    trainer.save_model(args.output_dir)
-    return trainer

@@ -35,7 +35,8 @@ from rlhf_fast.trainer.logging import StepStats
 from rlhf_fast.trainer.rollout import Rollout, generate
 
 __all__ = [
-    "RolloutForward", "Advantages", "generate_rollout", "score_rollout", "trim_batch", "pad_right",
+    "RolloutForward", "Advantages", "generate_rollout", "score_rollout", "scored_completions", "trim_batch",
+    "pad_right",
     "rollout_forward", "rollout_forward_with_grad", "compute_advantages", "compute_group_advantages",
     "ppo_update", "micro_step", "clip_grad_norm",
 ]
@@ -103,6 +104,17 @@ def score_rollout(reward, tokenizer, rollout: Rollout, prompt_mask: torch.Tensor
         kwargs["completions"] = tokenizer.batch_decode(
             [r[m] for r, m in zip(rollout.responses, rollout.response_mask)], skip_special_tokens=True)
     return reward(**kwargs).float()
+
+
+def scored_completions(reward, tokenizer, rollout: Rollout, prompt_mask: torch.Tensor) -> list[dict]:
+    """One row per rollout row for people to read: {"query", "model response", "score"} (TRL's columns)."""
+    scores = score_rollout(reward, tokenizer, rollout, prompt_mask)
+    P = rollout.context_length
+    queries = tokenizer.batch_decode([r[m.bool()] for r, m in zip(rollout.query_responses[:, :P], prompt_mask)],
+                                     skip_special_tokens=True)
+    responses = tokenizer.batch_decode([r[m] for r, m in zip(rollout.responses, rollout.response_mask)],
+                                       skip_special_tokens=True)
+    return [{"query": q, "model response": c, "score": float(sc)} for q, c, sc in zip(queries, responses, scores)]
 
 
 # =============================================================================== 3. rollout forward

@@ -13,7 +13,7 @@ from torch import nn
 from rlhf_fast.models import PolicyValueModel, make_reward
 
 __all__ = ["ModelLayout", "build_policy_value", "build_reward", "load_classifier", "reference_dtype",
-           "BatchPlan", "plan_batches"]
+           "BatchPlan", "plan_batches", "new_trainer_state"]
 
 
 class ModelLayout(NamedTuple):
@@ -133,3 +133,20 @@ def plan_batches(args, world_size: int, num_prompts: int) -> BatchPlan:
         a.num_total_batches = min(a.num_total_batches, a.max_steps)
     freq = max(1, a.num_total_batches // a.num_sample_generations) if a.num_sample_generations > 0 else 0
     return BatchPlan(a.batch_size // a.num_generations, freq)
+
+
+def new_trainer_state(args, num_prompts: int, is_main: bool):
+    """A transformers TrainerState for a fresh run, with TRL's OnlineTrainerState ``episode`` and the step
+    counts (logging/save steps given as a ratio < 1 become a share of max_steps, as in TRL)."""
+    from transformers import TrainerState
+
+    state = TrainerState()
+    state.episode = 0
+    state.is_local_process_zero = state.is_world_process_zero = is_main
+    state.max_steps = args.num_total_batches
+    state.num_train_epochs = args.total_episodes / (num_prompts * args.num_generations)
+    state.logging_steps = math.ceil(args.logging_steps * state.max_steps) if args.logging_steps < 1 \
+        else int(args.logging_steps)
+    state.save_steps = math.ceil(args.save_steps * state.max_steps) if args.save_steps < 1 else int(args.save_steps)
+    state.eval_steps = state.logging_steps
+    return state

@@ -13,8 +13,7 @@ import torch
 import rlhf_fast.trainer.ppo_step as ppo_mod
 from rlhf_fast.estimators import grpo_advantages, reinforce_pp_advantages, rloo_advantages
 from rlhf_fast.ops.kl import kl_penalty, token_rewards
-from rlhf_fast.trainer import PPOConfig, PPOTrainer
-from rlhf_fast.trainer import group_indices, group_reward_stats
+from rlhf_fast.trainer import PPOConfig, PPOTrainer, group_indices, group_reward_stats
 from tests.trainer.test_checkpoint import load, run_worker
 from tests.trainer.tiny import count_token_reward, make_tokenizer, prompt_rows, tiny_classifier, tiny_policy
 
