@@ -79,8 +79,9 @@ class Registry:
             self._entries[name] = entry
         return entry
 
-    def names(self) -> tuple[str, ...]:
-        return tuple(sorted(self._entries))
+    def names(self, sort: bool = True) -> tuple[str, ...]:
+        """The registered names, sorted (or in registration order: the built-ins first)."""
+        return tuple(sorted(self._entries)) if sort else tuple(self._entries)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

@@ -213,9 +213,9 @@ class PPOConfig(TrainingArguments):
         return self.estimator_spec.needs_critic
 
     def _check_estimator(self) -> None:
-        from rlhf_fast.algos import ESTIMATOR_SPECS, get_kl_estimator, get_policy_loss
+        from rlhf_fast.algos import ADVANTAGE_ESTIMATORS, get_kl_estimator, get_policy_loss
 
-        registered = list(ESTIMATOR_SPECS)  # in registration order: the built-ins first
+        registered = list(ADVANTAGE_ESTIMATORS.names(sort=False))  # the built-ins first
         if self.advantage_estimator not in registered:
             raise ValueError(
                 f"advantage_estimator={self.advantage_estimator!r} is not registered; valid: {registered} "
