@@ -164,15 +164,16 @@ def step_metrics(stats: StepStats, *, batch_size: int, kl_sum, neg_logprob_sum, 
     response_tokens int64 [B, R]. ``objective/*`` are means over the global batch of per-sequence sums
     (``objective/kl`` = mean summed KL). group_scores [B] (critic-free estimators) adds TRL GRPO's
     reward_std and frac_reward_zero_std."""
-    sums = all_reduce_sum(torch.stack([kl_sum.float().reshape(()), neg_logprob_sum.float().reshape(()),
-                                       raw_scores.float().sum()]), group)
+    kl_sum = kl_sum.float().reshape(())
+    sums = all_reduce_sum(torch.stack([kl_sum, neg_logprob_sum.float().reshape(()), raw_scores.float().sum(),
+                                       -kl_coef * kl_sum]), group)
     eos = all_reduce_sum((response_tokens == eos_token_id).sum().reshape(1), group)[0] \
         if eos_token_id is not None else 0
     mean_kl = float(sums[0]) / batch_size
     metrics = {
         "objective/kl": mean_kl,
         "objective/entropy": float(sums[1]) / batch_size,
-        "objective/non_score_reward": -kl_coef * float(sums[0]) / batch_size,
+        "objective/non_score_reward": float(sums[3]) / batch_size,
         "objective/scores": float(sums[2]) / batch_size,
     }
     metrics["objective/rlhf_reward"] = metrics["objective/non_score_reward"] + metrics["objective/scores"]
