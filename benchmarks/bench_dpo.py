@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_dpo [--full] [--device cuda] [--steps N] [--vocab 32000 1000]
 
-Model: DESIGN.md's tiny Qwen2 (hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads, untied
+Model: docs/design.md's toy Qwen2 (hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads, untied
 embeddings, vocab 32000 by default), random init, fp32. Data: synthetic preference rows over a word-level
 tokenizer (one word = one token), so both libraries see exactly the same token ids: prompts of 4-12
 tokens, chosen and rejected responses of 64 tokens each (63 random tokens + EOS). Batch 8 pairs per

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_grpo [--full] [--device cpu] [--steps N] [--vocab 32000 1000]
                                     [--beta 0.04] [--trl-python PATH | --trl-installed]
 
-Model: DESIGN.md's tiny Qwen2 (hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads, untied
+Model: docs/design.md's toy Qwen2 (hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads, untied
 embeddings), random init, fp32. Per step: 8 prompts of 4-12 words (a word-level tokenizer, one word = one
 token, so both libraries see the same ids) x 4 generations = 32 completions of up to 64 tokens (stop at
 EOS), temperature 1.0, one generation and one optimizer update per step (TRL: steps_per_generation = 1,

@@ -60,7 +60,7 @@ def _warm_runtime(device: str, build_step) -> None:
 
 
 def tiny_config(vocab: int, hidden: int = 128, intermediate: int = 256):
-    """DESIGN.md's CPU comparison model: Qwen2, hidden 128, intermediate 256, 2 layers, 4/2 heads, untied."""
+    """docs/design.md's toy comparison model: Qwen2, hidden 128, intermediate 256, 2 layers, 4/2 heads, untied."""
     return Qwen2Config(
         hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=256, pad_token_id=0,

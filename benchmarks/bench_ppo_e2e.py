@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_ppo_e2e [--full] [--device cuda] [--steps N] [--vocab 32000 1000]
 
-Model: DESIGN.md's tiny Qwen2 (hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads, untied
+Model: docs/design.md's toy Qwen2 (hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads, untied
 embeddings), batch 8, prompts of 4-12 tokens, responses of 64 tokens, 2 PPO epochs. Sides, each in
 its own process (memory = peak RSS above the post-import baseline, or CUDA max allocated):
   trl              trl==1.12.0 PPOTrainer (policy, ref, value and reward models as its script passes)

@@ -1,9 +1,9 @@
 """What the benchmark scripts share besides measurement (which is ``rlhf_fast.measure``: ``time_fn``,
-``run_isolated``, ``run_timed_and_measured``, ``mark_baseline``; DESIGN.md "Benchmarks").
+``run_isolated``, ``run_timed_and_measured``, ``mark_baseline``; docs/design.md "Benchmarks").
 
 - ``make_row(...)`` builds one results row (device name and versions included);
   ``append_rows(rows)`` appends to benchmarks/results/results.csv; ``print_table(rows)``; ``ratio``.
-- ``tiny_qwen2_config(vocab)`` and ``word_tokenizer(vocab)``: DESIGN.md's tiny model and its tokenizer.
+- ``tiny_qwen2_config(vocab)`` and ``word_tokenizer(vocab)``: docs/design.md's toy model and its tokenizer.
 """
 from __future__ import annotations
 
@@ -69,9 +69,9 @@ def ratio(ours, base) -> str:
         return "n/a"
 
 
-# ----------------------------------------------------------------------------- DESIGN.md's tiny model
+# ----------------------------------------------------------------------------- docs/design.md's toy model
 def tiny_qwen2_config(vocab: int):
-    """DESIGN.md's tiny benchmark model: Qwen2, hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads,
+    """docs/design.md's toy benchmark model: Qwen2, hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads,
     untied embeddings; <pad> = 0, <eos> = 2. Every end-to-end comparison is taken on this one config."""
     from transformers import Qwen2Config
 

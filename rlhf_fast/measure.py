@@ -1,4 +1,4 @@
-"""Timing and memory measurement of a closure or of a whole program (DESIGN.md "Benchmarks").
+"""Timing and memory measurement of a closure or of a whole program (docs/design.md "Benchmarks").
 
 A leaf module: it imports only the standard library and torch, so the benchmarks in a checkout and
 commands of the installed package can both use it.
