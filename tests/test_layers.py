@@ -1,9 +1,10 @@
-"""The layers point one way: cli -> stages and memory -> trainer -> models / algos -> ops -> _backend.
+"""The layers point one way: cli -> stages -> trainer -> memory -> models / algos -> ops -> _backend.
 
 Every import in the package is counted: top-level and function-level ``import`` / ``from ... import``
 statements, and "rlhf_fast.module" / "rlhf_fast.module:attr" strings (lazy registries, importlib).
-A module may import its own layer or a lower one; stages and memory may not import each other; the
-ops never import transformers (nor anything above them); the trainer never imports triton.
+A module may import its own layer or a lower one; the
+ops never import transformers (nor anything above them); the trainer never imports triton. The memory
+planner sits below the trainer, which asks its predictor whether a step needs activation recompute.
 docs/design.md draws the same picture."""
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ LAYERS = {
     "_backend": 0, "_C": 0, "measure": 0, "presets": 0,
     "ops": 1,
     "algos": 2, "estimators": 2, "models": 2,
+    "memory": 2.5,
     "trainer": 3,
-    "stages": 4, "memory": 4,
+    "stages": 4,
     "cli": 5, "testing": 5, "__init__": 5, "__main__": 5,
 }
 # Same rank, but sideways: neither may import the other.
-SIDEWAYS = {("stages", "memory"), ("memory", "stages")}
+SIDEWAYS: set[tuple[str, str]] = set()
 STRING_REF = re.compile(r"^rlhf_fast(\.[A-Za-z_][\w]*)+(:[A-Za-z_]\w*)?$")
 
 

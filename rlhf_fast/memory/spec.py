@@ -176,8 +176,8 @@ def setup_from_ppo_config(cfg, memory_section: dict) -> tuple[str, Setup, int]:
     ``memory:`` holds what PPOConfig does not: ``model`` (preset / dir / config.json of the policy's
     architecture), ``prompt_len``, ``gpus`` and ``gpu_mem``. From the PPOConfig, as our trainer runs it:
     micro-batch = ``per_device_train_batch_size``, generation batch = ``local_rollout_forward_batch_size``,
-    R = ``response_length``, ``gradient_checkpointing``, reference mode (``auto``: ``none`` when
-    kl_coef == 0, else ``frozen``; ``lora`` uses the trainer's default r=8 adapters), FSDP when
+    R = ``response_length``, ``gradient_checkpointing`` (None, "decide", counts as off), reference mode
+    (``auto``: ``none`` for a critic-free estimator at kl_coef == 0, else ``frozen``; ``lora`` uses the trainer's default r=8 adapters), FSDP when
     ``distributed_strategy == "fsdp2"``. Precision: the trainer keeps fp32 policy weights and autocasts
     when ``bf16``/``fp16`` is set, i.e. ``precision="amp"``; a frozen reference must be stored in that
     autocast dtype (``reference_dtype: bf16``), which is what the predictor assumes.
@@ -187,8 +187,8 @@ def setup_from_ppo_config(cfg, memory_section: dict) -> tuple[str, Setup, int]:
         raise ValueError(f"memory: section needs {', '.join(missing)} (model, prompt_len, gpus, gpu_mem)")
     dtype = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
     reference = cfg.reference
-    if reference == "auto":
-        reference = "none" if cfg.kl_coef == 0 else "frozen"
+    if reference == "auto":  # as the trainer decides: no reference only for a critic-free estimator at kl_coef 0
+        reference = "none" if cfg.kl_coef == 0 and not cfg.uses_critic else "frozen"
     if reference == "frozen" and dtype != "fp32" and cfg.reference_dtype != dtype:
         raise ValueError(f"reference_dtype must be {dtype!r} (the autocast dtype) for this prediction, "
                          f"got {cfg.reference_dtype!r}")

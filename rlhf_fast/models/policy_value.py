@@ -87,9 +87,10 @@ def _disable_dropout(model: nn.Module) -> None:
                 setattr(m, attr, 0.0)
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing (transformers >= 5 name first, the older one as fallback)."""
-    kwargs = {"use_reentrant": False}
+def _enable_checkpointing(model: nn.Module, kwargs: dict | None = None) -> None:
+    """Activation checkpointing (transformers >= 5 name first, the older one as fallback); ``kwargs`` go to
+    torch.utils.checkpoint (default non-reentrant)."""
+    kwargs = {"use_reentrant": False} if kwargs is None else dict(kwargs)
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):
@@ -172,7 +173,8 @@ class PolicyValueModel(nn.Module):
         lora_config: a ``peft.LoraConfig`` or dict of its fields (reference="lora"); default r=8,
             alpha=16, all linear layers except the LM head.
         reference_dtype, reference_offload: the frozen copy's dtype and host offload between uses.
-        gradient_checkpointing: recompute backbone activations in backward (non-reentrant).
+        gradient_checkpointing: recompute backbone activations in backward; gradient_checkpointing_kwargs go
+            to torch.utils.checkpoint (default ``{"use_reentrant": False}``).
         attn_implementation: None/"auto" (flash_attention_2 on CUDA with flash-attn, else sdpa) or a name.
         dtype: parameter dtype of the trainable policy (fp32 master weights by default).
         tokenizer: optional; given a tokenizer without pad token, its EOS becomes pad (with a warning).
@@ -191,6 +193,7 @@ class PolicyValueModel(nn.Module):
         reference_dtype: torch.dtype = torch.bfloat16,
         reference_offload: bool = False,
         gradient_checkpointing: bool = False,
+        gradient_checkpointing_kwargs: dict | None = None,
         attn_implementation: str | None = None,
         dtype: torch.dtype | None = torch.float32,
         tokenizer=None,
@@ -240,10 +243,11 @@ class PolicyValueModel(nn.Module):
         self.value_head = nn.Linear(H, 1, dtype=torch.float32, device=device) if critic != "none" else None
         self.critic_backbone = None
         if critic == "separate":  # built from the untouched model, before LoRA / checkpointing
-            self.critic_backbone = self._build_critic(critic_model, base, H, dtype, gradient_checkpointing, disable_dropout)
+            self.critic_backbone = self._build_critic(critic_model, base, H, dtype, gradient_checkpointing,
+                                                      gradient_checkpointing_kwargs, disable_dropout)
 
         if gradient_checkpointing:
-            _enable_checkpointing(base)
+            _enable_checkpointing(base, gradient_checkpointing_kwargs)
         if reference == "lora":
             base = self._wrap_lora(base, lora_config)
             if disable_dropout:
@@ -272,7 +276,8 @@ class PolicyValueModel(nn.Module):
             raise TypeError(f"lora_config must be a peft.LoraConfig or a dict, got {type(lora_config).__name__}")
         return get_peft_model(base, lora_config)
 
-    def _build_critic(self, critic_model, causal, H, dtype, gradient_checkpointing, disable_dropout) -> nn.Module:
+    def _build_critic(self, critic_model, causal, H, dtype, gradient_checkpointing, checkpointing_kwargs,
+                      disable_dropout) -> nn.Module:
         import copy
 
         if critic_model is None:
@@ -299,7 +304,7 @@ class PolicyValueModel(nn.Module):
         for p in critic.parameters():
             p.requires_grad_(True)
         if gradient_checkpointing:
-            _enable_checkpointing(critic)
+            _enable_checkpointing(critic, checkpointing_kwargs)
         return critic
 
     @classmethod

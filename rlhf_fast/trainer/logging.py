@@ -155,13 +155,12 @@ class StepStats:
 
 
 def step_metrics(stats: StepStats, *, batch_size: int, kl_sum, neg_logprob_sum, kl_coef: float, raw_scores,
-                 responses, response_tokens, eos_token_id: int | None, group_scores=None, num_generations: int = 1,
+                 response_tokens, eos_token_id: int | None, group_scores=None, num_generations: int = 1,
                  group=None) -> dict:
     """One PPO step's metrics under TRL 1.12's names and formulas, summed over every rank.
 
     kl_sum / neg_logprob_sum: 0-d sums over this rank's valid response tokens of the per-token KL and of
-    -log-prob of the sampling policy; raw_scores fp32 [B]; responses (the response mask) [B, R];
-    response_tokens int64 [B, R]. ``objective/*`` are means over the global batch of per-sequence sums
+    -log-prob of the sampling policy; raw_scores fp32 [B]; response_tokens int64 [B, R]. ``objective/*`` are means over the global batch of per-sequence sums
     (``objective/kl`` = mean summed KL). group_scores [B] (critic-free estimators) adds TRL GRPO's
     reward_std and frac_reward_zero_std."""
     kl_sum = kl_sum.float().reshape(())

@@ -94,7 +94,8 @@ class PPOTrainer:
         # ---- models: policy-value layout, reward adapter, batch sizes (TRL's definitions)
         self.log_messages: list[str] = []
         layout = build_policy_value(args, args.sft_model_path if model is None else model, ref_model, value_model,
-                                    peft_config, self.tokenizer, self._note)
+                                    peft_config, self.tokenizer, self._note, device=self.device,
+                                    prompt_len=max(len(p) for p in self.prompts), world_size=self.world_size)
         self.model, self.reference_mode, self.critic_mode = layout
         self.model.to(self.device)
         self.reward = build_reward(args.reward_model_path if reward_model is None else reward_model)
@@ -287,26 +288,29 @@ class PPOTrainer:
                 pad_token_id=self.pad_token_id, stop_token_ids=self._stop_ids(), seeds=seeds,
                 chunk_size=a.local_rollout_forward_batch_size, inference_mode=not fsdp)
         t_gen = time.perf_counter()
-        # 3. Score: reward model or callable, EOS penalty, running normalisation, clipping.
-        scores, raw_scores = self._score(rollout, prompt_mask)
+        # 3. Score: reward model or callable on each row's tokens under the position rules, EOS penalty,
+        #    running normalisation, clipping.
+        masks = ppo_step.response_masks(rollout, prompt_mask, rules=a.resolved_position_rules,
+                                        pad_token_id=self.pad_token_id)
+        scores, raw_scores = self._score(rollout, prompt_mask, masks)
         t_score = time.perf_counter()
         if not bool(all_reduce_sum(torch.isfinite(scores).all().float().reshape(1) - 1.0)[0] == 0):
             return self._skip_step("non-finite reward", t0)
         # 4. Rollout forward: old log-probs and values, reference log-probs.
-        fwd, first_out = self._rollout_forward(rollout, prompt_mask)
+        fwd, first_out = self._rollout_forward(rollout, masks)
         # 5. Advantages: the registered estimator on KL-shaped rewards (or sequence scores).
         spec = a.estimator_spec
         adv = ppo_step.compute_advantages(
-            fwd, scores, rollout.response_mask, kl_coef=self.kl_ctl.value, kl_estimator=a.kl_estimator,
+            fwd, scores, masks, kl_coef=self.kl_ctl.value, kl_estimator=a.kl_estimator, kl_clamp=a.kl_clamp,
             gamma=a.gamma, lam=a.lam, whiten_rewards=a.whiten_rewards, whiten_advantages=a.whiten_advantages,
             estimator=a.advantage_estimator, num_generations=a.num_generations,
             estimator_kwargs={kw: getattr(a, field) for kw, field in spec.config_kwargs}, group=self.group)
         t_fwd = time.perf_counter()
         # 6. Update: epochs x minibatches x micro-batches of clipped policy (and value) updates.
-        stats, skipped, first_epoch = self._update(rollout, prompt_mask, fwd, adv, first_out)
+        stats, skipped, first_epoch = self._update(rollout, masks, fwd, adv, first_out)
         t_upd = time.perf_counter()
         # 7. KL control, state and metrics (TRL's names and formulas).
-        mask = rollout.response_mask
+        mask = masks.policy
         # Entropy and KL of the sampling policy: from the rollout forward, or (on-policy update, no rollout
         # forward) from the first epoch's forwards, which ran on the same weights.
         neg_logprob_sum = (-fwd.logprobs * mask).sum() if fwd.logprobs is not None else first_epoch["neg_logprob_sum"]
@@ -314,7 +318,7 @@ class PPOTrainer:
         kl_coef = self.kl_ctl.value
         metrics = step_metrics(
             stats, batch_size=a.batch_size, kl_sum=kl_sum, neg_logprob_sum=neg_logprob_sum, kl_coef=kl_coef,
-            raw_scores=raw_scores, responses=rollout.response_mask, eos_token_id=self.tokenizer.eos_token_id,
+            raw_scores=raw_scores, eos_token_id=self.tokenizer.eos_token_id,
             response_tokens=rollout.responses, group_scores=None if a.uses_critic else scores,
             num_generations=a.num_generations, group=self.group)
         self.kl_ctl.update(metrics["objective/kl"], a.batch_size)
@@ -349,10 +353,10 @@ class PPOTrainer:
         return [self.stop_token_id] if self.stop_token_id is not None else []
 
     @torch.no_grad()
-    def _score(self, rollout: Rollout, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(self, rollout: Rollout, prompt_mask: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores used for the advantages, raw scores for the metrics), fp32 [B]."""
         a = self.args
-        scores = ppo_step.score_rollout(self.reward, self.tokenizer, rollout, prompt_mask).to(self.device)
+        scores = ppo_step.score_rollout(self.reward, self.tokenizer, rollout, prompt_mask, masks).to(self.device)
         contains_eos = (rollout.responses == self.tokenizer.eos_token_id).any(1) \
             if self.tokenizer.eos_token_id is not None else torch.zeros_like(scores, dtype=torch.bool)
         if a.missing_eos_penalty is not None:
@@ -365,21 +369,21 @@ class PPOTrainer:
             scores = scores.clamp(-a.reward_clip, a.reward_clip)
         return scores, raw_scores
 
-    def _rollout_forward(self, rollout: Rollout, prompt_mask: torch.Tensor):
+    def _rollout_forward(self, rollout: Rollout, masks):
         """(RolloutForward, first_out): first_out is the first update's forward when it doubles as this one."""
         a = self.args
         need_reference = self.reference_mode != "none"
         kw = dict(temperature=max(a.temperature, 1e-7), need_reference=need_reference,
                   chunk_size=a.local_rollout_forward_batch_size, autocast=self._autocast)
         if not self._first_update_reuses_rollout_forward(rollout):
-            return ppo_step.rollout_forward(self.model, rollout, prompt_mask, need_policy=not self._on_policy_update(),
+            return ppo_step.rollout_forward(self.model, rollout, masks, need_policy=not self._on_policy_update(),
                                             **kw), None
         # One forward serves twice: its detached outputs are the old log-probs and values, and its graph
         # is the first update's forward (same weights, no dropout, one micro-batch = the whole batch).
         # The reference runs first, so its transient buffers never overlap the policy's graph.
-        ref_fwd = ppo_step.rollout_forward(self.model, rollout, prompt_mask, need_policy=False, **kw)
+        ref_fwd = ppo_step.rollout_forward(self.model, rollout, masks, need_policy=False, **kw)
         self.model.train()
-        return ppo_step.rollout_forward_with_grad(self.ddp_model, rollout, prompt_mask, ref_fwd.ref_logprobs,
+        return ppo_step.rollout_forward_with_grad(self.ddp_model, rollout, masks, ref_fwd.ref_logprobs,
                                                   temperature=kw["temperature"], autocast=self._autocast)
 
     def _should_log(self) -> bool:
@@ -436,18 +440,20 @@ class PPOTrainer:
             return False
         return self._dropout_free  # the model's dropout is fixed at construction: checked once there
 
-    def _update(self, rollout: Rollout, prompt_mask: torch.Tensor, fwd: RolloutForward, adv: Advantages,
+    def _update(self, rollout: Rollout, masks, fwd: RolloutForward, adv: Advantages,
                 first_out=None):
         """``ppo_step.ppo_update`` with this trainer's model, optimizer, seed and non-finite policy."""
         self.model.train()
         return ppo_step.ppo_update(
-            self.ddp_model, self.optimizer, rollout, prompt_mask, fwd, adv, args=self.args, kl_coef=self.kl_ctl.value,
+            self.ddp_model, self.optimizer, rollout, masks, fwd, adv, args=self.args, kl_coef=self.kl_ctl.value,
             step_seed=self.args.seed * 7919 + self.state.global_step, world_size=self.world_size,
             autocast=self._autocast, clip_grads=self._clip_grads, on_nonfinite=self._on_nonfinite_grad,
             first_out=first_out)
 
     def _clip_grads(self) -> torch.Tensor:
-        return ppo_step.clip_grad_norm(self.model, self.args.max_grad_norm)
+        """The gradient norm (for the non-finite check), clipped at max_grad_norm only when clip_grad_norm is on
+        (TRL 1.12's PPO loop never clips)."""
+        return ppo_step.clip_grad_norm(self.model, self.args.max_grad_norm if self.args.clip_grad_norm else None)
 
     def _on_nonfinite_grad(self, grad_norm: torch.Tensor) -> None:
         self.nonfinite_steps += 1

@@ -42,7 +42,8 @@ class PPOConfig(TrainingArguments):
     num_sample_generations, response_length, stop_token ("eos" | None), stop_token_id, temperature,
     missing_eos_penalty, sft_model_path, reward_model_path, num_ppo_epochs, whiten_rewards, kl_coef,
     kl_estimator, cliprange, vf_coef, cliprange_value, gamma, lam. Overridden TrainingArguments
-    defaults as in TRL: logging_steps=10, gradient_checkpointing=True, bf16=None (-> not fp16).
+    defaults as in TRL: logging_steps=10, bf16=None (-> not fp16); gradient_checkpointing=None decides from
+    memory (TRL defaults it to True but its PPO loop never enables it).
 
     Critic-free estimators (``advantage_estimator`` = "grpo" | "rloo" | "reinforce_pp"), TRL-GRPO style:
     - ``num_generations`` n responses are sampled per prompt. The rollout batch counts **completions**,
@@ -62,7 +63,13 @@ class PPOConfig(TrainingArguments):
 
     # ---- TrainingArguments defaults TRL overrides
     logging_steps: float = field(default=10, metadata={"help": "Log every X PPO steps (or a ratio < 1)."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in backward: True / False force it; None decides per run from the "
+                          "memory predictor (on only when the step would not fit without it) and logs the decision. "
+                          "TRL 1.12 defaults to True but its PPO loop never enables it; it changes time and memory, "
+                          "never the numbers."},
+    )
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for forwards; None -> not fp16."})
 
     # ---- TRL 1.12 PPOConfig fields
@@ -134,6 +141,27 @@ class PPOConfig(TrainingArguments):
     whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over the global batch."})
     reward_clip: float | None = field(default=None, metadata={"help": "Clip scores to [-c, c]."})
     reward_norm: bool = field(default=False, metadata={"help": "Normalise scores by running mean/std."})
+    # ---- improvements over TRL 1.12, each off by default so a migrated script computes TRL's numbers
+    position_rules: Literal["auto", "trl", "eos"] = field(
+        default="auto",
+        metadata={"help": "Which response tokens count. trl: TRL 1.12's PPOTrainer (a response ends before its first "
+                          "pad token; values and the score one token further); eos: every token up to and including "
+                          "the stop token, the score on it. auto: trl with a critic, eos for the critic-free "
+                          "estimators (TRL GRPO's completion mask)."},
+    )
+    padding_aware_metrics: bool = field(
+        default=False,
+        metadata={"help": "Average policy/approxkl_avg and val/ratio over valid tokens; False averages over every "
+                          "response column as TRL 1.12 does (padding counts as log-ratio 0, ratio 1)."},
+    )
+    kl_clamp: float | None = field(
+        default=None, metadata={"help": "Clamp each per-token KL estimate to [-c, c] (the ops' default 10); None "
+                                         "clamps nothing, as TRL."},
+    )
+    clip_grad_norm: bool = field(
+        default=False, metadata={"help": "Clip the gradient norm at max_grad_norm before each optimizer step. TRL 1.12's "
+                                         "PPO loop never clips, whatever max_grad_norm says."},
+    )
     kl_controller: Literal["fixed", "adaptive"] = field(default="fixed", metadata={"help": "KL coefficient control."})
     kl_target: float = field(default=6.0, metadata={"help": "Adaptive KL target (summed per sequence)."})
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (episodes)."})
@@ -180,6 +208,8 @@ class PPOConfig(TrainingArguments):
         for name in ("cliprange", "cliprange_value"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.kl_clamp is not None and not self.kl_clamp > 0:
+            raise ValueError(f"kl_clamp must be > 0 or None, got {self.kl_clamp}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
         self._check_estimator()
@@ -187,10 +217,15 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.optim not in SUPPORTED_OPTIMIZERS and str(getattr(self.optim, "value", self.optim)) not in SUPPORTED_OPTIMIZERS:
             raise ValueError(f"optim={self.optim!r} is not supported; use one of {sorted(SUPPORTED_OPTIMIZERS)}")
+        decide_checkpointing = self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", None) is None
         with warnings.catch_warnings():
-            # TRL's own default (gradient_checkpointing=True) trips transformers 5's rename warning.
+            # A TRL script's explicit gradient_checkpointing trips transformers 5's rename warning.
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
             super().__post_init__()
+        if decide_checkpointing:  # transformers turns "unset" into False; None means "decide from memory" here
+            self.gradient_checkpointing = None
+            if hasattr(self, "activation_checkpointing"):
+                self.activation_checkpointing = None
         for name, value in self.unsupported_settings().items():
             if name in REJECTED_TRAINING_ARGUMENTS:
                 raise ValueError(
@@ -199,6 +234,13 @@ class PPOConfig(TrainingArguments):
                 )
             warnings.warn(f"PPOConfig.{name}={value!r} is not used by rlhf_fast's PPOTrainer and has no effect",
                           stacklevel=2)
+
+    @property
+    def resolved_position_rules(self) -> str:
+        """"trl" or "eos": ``position_rules``, with "auto" resolved from the estimator (trl with a critic)."""
+        if self.position_rules != "auto":
+            return self.position_rules
+        return "trl" if self.uses_critic else "eos"
 
     @property
     def estimator_spec(self):

@@ -35,8 +35,8 @@ from rlhf_fast.trainer.logging import StepStats
 from rlhf_fast.trainer.rollout import Rollout, generate
 
 __all__ = [
-    "RolloutForward", "Advantages", "generate_rollout", "score_rollout", "scored_completions", "trim_batch",
-    "pad_right",
+    "RolloutForward", "Advantages", "ResponseMasks", "POSITION_RULES", "response_masks", "generate_rollout",
+    "score_rollout", "scored_completions", "trim_batch", "pad_right",
     "rollout_forward", "rollout_forward_with_grad", "compute_advantages", "compute_group_advantages",
     "ppo_update", "micro_step", "clip_grad_norm",
 ]
@@ -90,25 +90,76 @@ def generate_rollout(model: PolicyValueModel, prompt_ids: torch.Tensor, prompt_m
                    torch.cat([p.contains_stop for p in parts]), prompt_ids.shape[1])
 
 
-# =============================================================================== 2. score
-def score_rollout(reward, tokenizer, rollout: Rollout, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Scores fp32 [B] of prompt + response (up to and including the stop token) from a reward adapter.
+class ResponseMasks(NamedTuple):
+    """Which positions of a rollout count for what (all bool).
 
+    attention [B, P + R]: what the forwards attend; policy [B, R]: the tokens of the policy loss, the KL and
+    the entropy; value [B, R]: the tokens of the value loss and GAE, the score sitting on the last one."""
+
+    attention: torch.Tensor
+    policy: torch.Tensor
+    value: torch.Tensor
+
+
+POSITION_RULES = ("eos", "trl")
+
+
+def response_masks(rollout: Rollout, prompt_mask: torch.Tensor, *, rules: str = "eos",
+                   pad_token_id: int | None = None) -> ResponseMasks:
+    """The masks of a rollout under the position ``rules``.
+
+    "eos" (docs/design.md): every sampled token up to and including the stop token counts for the policy
+    and the value; the score sits on the last one (the stop token itself); attention = prompt mask + them.
+    "trl" (TRL 1.12's PPOTrainer, to the token): a row ends before its first pad token (L = that index - 1,
+    so with pad == eos the EOS token itself is excluded); policy tokens are 0..L, value tokens 0..L+1
+    (one past the end, where the score then sits, or L when L + 1 is past the last column); the forwards
+    attend every token that is not the pad token."""
+    if rules == "eos":
+        m = rollout.response_mask.bool()
+        return ResponseMasks(torch.cat([prompt_mask.bool(), m], 1), m, m)
+    if rules != "trl":
+        raise ValueError(f"position rules must be one of {POSITION_RULES}, got {rules!r}")
+    if pad_token_id is None:
+        raise ValueError("position rules 'trl' need pad_token_id (rows end before their first pad token)")
+    responses = rollout.responses
+    R = responses.shape[1]
+    is_pad = responses == pad_token_id
+    idx = torch.arange(R, device=responses.device)
+    first_pad = torch.where(is_pad, idx, torch.full_like(idx, R)).amin(dim=1) if R else torch.zeros(
+        responses.shape[0], dtype=torch.long, device=responses.device)
+    last = (first_pad - 1).unsqueeze(1)
+    return ResponseMasks(rollout.query_responses != pad_token_id, idx <= last, idx <= last + 1)
+
+
+def as_masks(rollout: Rollout, masks) -> ResponseMasks:
+    """``masks`` as ResponseMasks: a prompt mask [B, P] alone means the "eos" rules."""
+    return masks if isinstance(masks, ResponseMasks) else response_masks(rollout, masks)
+
+
+# =============================================================================== 2. score
+def score_rollout(reward, tokenizer, rollout: Rollout, prompt_mask: torch.Tensor,
+                  masks: ResponseMasks | None = None) -> torch.Tensor:
+    """Scores fp32 [B] of each prompt + response from a reward adapter, read at the last attended token.
+
+    masks (default: the "eos" rules) say which response tokens the reward model sees: with "eos" up to and
+    including the stop token; with "trl" the policy tokens (TRL scores the last token before the first pad).
     Adapters with a tokenizer of their own, and callables, get the decoded ``prompts`` and ``completions``."""
-    attn = torch.cat([prompt_mask.to(rollout.response_mask.dtype), rollout.response_mask], 1).long()
+    masks = as_masks(rollout, prompt_mask) if masks is None else masks
+    P = rollout.context_length
+    attn = torch.cat([masks.attention[:, :P], masks.policy], 1).long()
     kwargs: dict[str, Any] = {"input_ids": rollout.query_responses, "attention_mask": attn}
     if getattr(reward, "tokenizer", None) is not None or not hasattr(reward, "score_ids"):
-        P = rollout.context_length
         kwargs["prompts"] = tokenizer.batch_decode(
             [r[m.bool()] for r, m in zip(rollout.query_responses[:, :P], prompt_mask)], skip_special_tokens=True)
         kwargs["completions"] = tokenizer.batch_decode(
-            [r[m] for r, m in zip(rollout.responses, rollout.response_mask)], skip_special_tokens=True)
+            [r[m] for r, m in zip(rollout.responses, masks.policy)], skip_special_tokens=True)
     return reward(**kwargs).float()
 
 
-def scored_completions(reward, tokenizer, rollout: Rollout, prompt_mask: torch.Tensor) -> list[dict]:
+def scored_completions(reward, tokenizer, rollout: Rollout, prompt_mask: torch.Tensor,
+                       masks: ResponseMasks | None = None) -> list[dict]:
     """One row per rollout row for people to read: {"query", "model response", "score"} (TRL's columns)."""
-    scores = score_rollout(reward, tokenizer, rollout, prompt_mask)
+    scores = score_rollout(reward, tokenizer, rollout, prompt_mask, masks)
     P = rollout.context_length
     queries = tokenizer.batch_decode([r[m.bool()] for r, m in zip(rollout.query_responses[:, :P], prompt_mask)],
                                      skip_special_tokens=True)
@@ -118,21 +169,20 @@ def scored_completions(reward, tokenizer, rollout: Rollout, prompt_mask: torch.T
 
 
 # =============================================================================== 3. rollout forward
-def trim_batch(query_responses, prompt_mask, response_mask):
-    """Drop left-pad columns every row has and response columns no row uses (cheaper forwards).
+def trim_batch(query_responses: torch.Tensor, masks: ResponseMasks):
+    """Drop left-pad columns every row has and response columns no row needs (cheaper forwards).
 
-    query_responses int64 [B, P + R], prompt_mask [B, P], response_mask [B, R]. Returns (ids, attention_mask,
-    response_start, response_cols) where response_cols is the number of response columns kept (outputs
-    must be right-padded back to the full R by the caller, see ``pad_right``)."""
-    P = prompt_mask.shape[1]
-    first_real = int((prompt_mask.long().cumsum(1) == 0).sum(1).min()) if prompt_mask.numel() else 0
+    query_responses int64 [B, P + R] and the rows' masks. Returns (ids, attention_mask int64, response_start,
+    response_cols): response_cols is the number of response columns kept, up to the last policy or value
+    token of any row (outputs must be right-padded back to the full R by the caller, see ``pad_right``)."""
+    R = masks.policy.shape[1]
+    P = masks.attention.shape[1] - R
+    prompt = masks.attention[:, :P]
+    first_real = int((prompt.long().cumsum(1) == 0).sum(1).min()) if prompt.numel() else 0
     first_real = min(first_real, P - 1)
-    resp_len = int(response_mask.long().sum(1).max()) if response_mask.numel() else 0
-    # valid response tokens form a prefix of each row (tokens after the stop token are masked)
-    resp_cols = max(resp_len, 1)
-    ids = query_responses[:, first_real:P + resp_cols]
-    attn = torch.cat([prompt_mask[:, first_real:].long(), response_mask[:, :resp_cols].long()], 1)
-    return ids, attn, P - first_real, resp_cols
+    needed = (masks.policy | masks.value).any(0)
+    cols = int(torch.nonzero(needed).max()) + 1 if bool(needed.any()) else 1
+    return query_responses[:, first_real:P + cols], masks.attention[:, first_real:P + cols].long(), P - first_real, cols
 
 
 def pad_right(x: torch.Tensor, R: int) -> torch.Tensor:
@@ -140,21 +190,29 @@ def pad_right(x: torch.Tensor, R: int) -> torch.Tensor:
     return x if x.shape[1] == R else torch.nn.functional.pad(x, (0, R - x.shape[1]))
 
 
+def _rows(masks: ResponseMasks, rows) -> ResponseMasks:
+    return ResponseMasks(masks.attention[rows], masks.policy[rows], masks.value[rows])
+
+
 @torch.no_grad()
-def rollout_forward(model: PolicyValueModel, rollout: Rollout, prompt_mask: torch.Tensor, *, temperature: float,
+def rollout_forward(model: PolicyValueModel, rollout: Rollout, masks, *, temperature: float,
                     need_reference: bool, chunk_size: int = 64, autocast=contextlib.nullcontext,
                     need_policy: bool = True) -> RolloutForward:
     """Old log-probs and values (one policy-value forward) and reference log-probs, in row chunks.
 
-    need_policy=False skips the policy forward (logprobs and values None): the on-policy critic-free
-    update takes its old log-probs from its own forward. Values are None when the model has no critic."""
+    masks: ResponseMasks (or the prompt mask [B, P] for the "eos" rules). Log-probs are kept on the policy
+    tokens, values on the value tokens. need_policy=False skips the policy forward (logprobs and values
+    None): the on-policy critic-free update takes its old log-probs from its own forward. Values are None
+    when the model has no critic."""
+    masks = as_masks(rollout, masks)
     R = rollout.responses.shape[1]
     with_values = need_policy and getattr(model, "value_head", None) is not None
     lps, refs, vals = [], [], []
     for s in range(0, rollout.responses.shape[0], chunk_size):
         sl = slice(s, s + chunk_size)
-        ids, attn, start, cols = trim_batch(rollout.query_responses[sl], prompt_mask[sl], rollout.response_mask[sl])
-        m = rollout.response_mask[sl][:, :cols]
+        mk = _rows(masks, sl)
+        ids, attn, start, cols = trim_batch(rollout.query_responses[sl], mk)
+        m, mv = mk.policy[:, :cols], mk.value[:, :cols]
         with autocast():
             out = model(ids, attn, response_start=start, return_entropy=False, return_values=with_values,
                         temperature=temperature) if need_policy else None
@@ -163,14 +221,14 @@ def rollout_forward(model: PolicyValueModel, rollout: Rollout, prompt_mask: torc
         if out is not None:
             lps.append(pad_right(out.logprobs.float() * m, R))
         if with_values:
-            vals.append(pad_right(out.values.float() * m, R))
+            vals.append(pad_right(out.values.float() * mv, R))
         if ref is not None:
             refs.append(pad_right(ref.float() * m, R))
     return RolloutForward(torch.cat(lps) if need_policy else None, torch.cat(refs) if need_reference else None,
                           torch.cat(vals) if with_values else None)
 
 
-def rollout_forward_with_grad(model, rollout: Rollout, prompt_mask: torch.Tensor, ref_logprobs: torch.Tensor | None, *,
+def rollout_forward_with_grad(model, rollout: Rollout, masks, ref_logprobs: torch.Tensor | None, *,
                               temperature: float, autocast=contextlib.nullcontext):
     """The first update's forward over the whole batch (rows in order), with its graph kept, standing in
     for the rollout forward when the first update is one micro-batch of the whole batch on dropout-free
@@ -178,52 +236,67 @@ def rollout_forward_with_grad(model, rollout: Rollout, prompt_mask: torch.Tensor
 
     Returns (RolloutForward of detached fp32 [B, R] outputs, (ModelOutput, cols)) for ``ppo_update``'s
     ``first_out``."""
-    ids, attn, start, cols = trim_batch(rollout.query_responses, prompt_mask, rollout.response_mask)
-    m = rollout.response_mask[:, :cols]
+    masks = as_masks(rollout, masks)
+    ids, attn, start, cols = trim_batch(rollout.query_responses, masks)
     R = rollout.responses.shape[1]
     with autocast():
         out = model(ids, attn, response_start=start, return_entropy=True, return_values=True,
                     temperature=temperature)
-    fwd = RolloutForward(pad_right(out.logprobs.detach().float() * m, R), ref_logprobs,
-                         pad_right(out.values.detach().float() * m, R))
+    fwd = RolloutForward(pad_right(out.logprobs.detach().float() * masks.policy[:, :cols], R), ref_logprobs,
+                         pad_right(out.values.detach().float() * masks.value[:, :cols], R))
     return fwd, (out, cols)
 
 
 # =============================================================================== 4. advantages
-def compute_advantages(fwd: RolloutForward, scores: torch.Tensor, response_mask: torch.Tensor, *, kl_coef: float,
+def _policy_value(masks) -> tuple[torch.Tensor, torch.Tensor]:
+    """(policy, value) bool [B, R] from ResponseMasks or one response mask (then both)."""
+    if isinstance(masks, ResponseMasks):
+        return masks.policy.bool(), masks.value.bool()
+    return masks.bool(), masks.bool()
+
+
+def _kl_clamp(kl_clamp: float | None) -> float:
+    return float("inf") if kl_clamp is None else kl_clamp
+
+
+def compute_advantages(fwd: RolloutForward, scores: torch.Tensor, masks, *, kl_coef: float,
                        kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95, whiten_rewards: bool = False,
                        whiten_advantages: bool = True, estimator: str = "gae", num_generations: int = 1,
-                       estimator_kwargs: dict | None = None, group=None) -> Advantages:
+                       estimator_kwargs: dict | None = None, kl_clamp: float | None = 10.0, group=None) -> Advantages:
     """Token rewards, advantages and returns, all fp32 [B, R], by the registered ``estimator``.
 
-    scores fp32 [B]; response_mask [B, R]. With a critic (GAE): rewards = -kl_coef x kl (``kl_estimator``)
-    on every valid token plus the score on the last valid one (docs/design.md), optionally whitened (mean
-    kept), then the estimator on rewards and fwd.values, then advantages whitened over the global batch.
-    Critic-free: see ``compute_group_advantages``."""
+    scores fp32 [B]; masks: ResponseMasks, or one response mask [B, R] serving as both policy and value
+    mask. With a critic (GAE): kl = the ``kl_estimator`` on the policy tokens (|kl| <= kl_clamp; None: no
+    clamp, as TRL); rewards = -kl_coef x kl plus the score on the last value token, optionally whitened over
+    the value tokens (mean kept); the estimator on rewards and fwd.values over the value tokens; advantages
+    whitened over the policy tokens of the global batch. Critic-free: see ``compute_group_advantages``."""
     spec = get_estimator_spec(estimator)
     if not spec.needs_critic:
-        return compute_group_advantages(fwd, scores, response_mask, estimator=estimator,
-                                        num_generations=num_generations, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                                        gamma=gamma, estimator_kwargs=estimator_kwargs, group=group)
-    mask = response_mask.bool()
+        return compute_group_advantages(fwd, scores, masks, estimator=estimator, num_generations=num_generations,
+                                        kl_coef=kl_coef, kl_estimator=kl_estimator, gamma=gamma,
+                                        estimator_kwargs=estimator_kwargs, kl_clamp=kl_clamp, group=group)
+    policy, value = _policy_value(masks)
     if fwd.ref_logprobs is None:
         kl = torch.zeros_like(fwd.logprobs)
     else:
-        kl = get_kl_estimator(kl_estimator)(fwd.logprobs, fwd.ref_logprobs) * mask
-    rewards = token_rewards(scores, kl, mask, kl_coef)
+        kl = get_kl_estimator(kl_estimator)(fwd.logprobs, fwd.ref_logprobs, clamp=_kl_clamp(kl_clamp)) * policy
+    rewards = token_rewards(scores, kl, value, kl_coef)
     non_score = -kl_coef * kl
     if whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False, group=group)
-    adv, returns = get_advantage_estimator(estimator)(rewards, fwd.values, mask, gamma, lam)
+        rewards = masked_whiten(rewards, value, shift_mean=False, group=group)
+    adv, returns = get_advantage_estimator(estimator)(rewards, fwd.values, value, gamma, lam)
     if whiten_advantages:
-        adv = masked_whiten(adv, mask, shift_mean=True, group=group)
+        adv = masked_whiten(adv, policy, shift_mean=True, group=group)
+    elif not torch.equal(policy, value):
+        adv = adv * policy
     return Advantages(rewards, kl, non_score, adv, returns)
 
 
-def compute_group_advantages(fwd: RolloutForward, scores: torch.Tensor, response_mask: torch.Tensor, *,
+def compute_group_advantages(fwd: RolloutForward, scores: torch.Tensor, masks, *,
                              estimator: str, num_generations: int, kl_coef: float, kl_estimator: str = "k1",
-                             gamma: float = 1.0, estimator_kwargs: dict | None = None, group=None) -> Advantages:
-    """Critic-free advantages [B, R] fp32 from the ``rlhf_fast.algos`` registry.
+                             gamma: float = 1.0, estimator_kwargs: dict | None = None, kl_clamp: float | None = 10.0,
+                             group=None) -> Advantages:
+    """Critic-free advantages [B, R] fp32 from the ``rlhf_fast.algos`` registry, on the policy tokens.
 
     Sequence-level estimators (grpo, rloo): one advantage per sequence from ``scores`` [B] (groups of
     ``num_generations`` contiguous rows), broadcast over the row's valid response tokens; the KL is not in
@@ -234,11 +307,11 @@ def compute_group_advantages(fwd: RolloutForward, scores: torch.Tensor, response
     fwd.logprobs may be None for an on-policy update: kl is then zeros here and the trainer reports the KL
     measured by the update's own forward."""
     spec = get_estimator_spec(estimator)
-    mask = response_mask.bool()
+    mask, _ = _policy_value(masks)
     fn = get_advantage_estimator(estimator)
     if fwd.ref_logprobs is not None and fwd.logprobs is not None:
         kl_name = kl_estimator if spec.kl_in_reward else spec.kl_loss_estimator
-        kl = get_kl_estimator(kl_name)(fwd.logprobs, fwd.ref_logprobs) * mask
+        kl = get_kl_estimator(kl_name)(fwd.logprobs, fwd.ref_logprobs, clamp=_kl_clamp(kl_clamp)) * mask
     elif fwd.ref_logprobs is not None and spec.kl_in_reward:
         raise ValueError(f"{estimator} with a reference needs fwd.logprobs for its KL-shaped token rewards")
     else:
@@ -263,29 +336,32 @@ def clip_grad_norm(model: torch.nn.Module, max_grad_norm: float | None) -> torch
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, prompt_mask: torch.Tensor,
+def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, masks,
                fwd: RolloutForward, adv: Advantages, *, args, kl_coef: float, step_seed: int, world_size: int = 1,
                autocast=contextlib.nullcontext, clip_grads: Callable[[], torch.Tensor] | None = None,
                on_nonfinite: Callable[[torch.Tensor], None] | None = None, first_out=None):
     """``args.num_ppo_epochs`` x minibatches x micro-batches of clipped updates on one rollout batch.
 
     model: the (possibly DDP/FSDP-wrapped) PolicyValueModel whose forward returns a ModelOutput;
-    rollout [B rows], prompt_mask [B, P], fwd / adv fp32 [B, R]. ``args`` carries the PPOConfig fields
-    read here: num_ppo_epochs, local_mini_batch_size, per_device_train_batch_size, cliprange(_high),
-    dual_clip, loss_agg_mode, policy_loss, cliprange_value, vf_coef, entropy_coef, temperature,
-    advantage_estimator. Minibatch rows are a permutation drawn from ``step_seed``; token and sequence
+    rollout [B rows]; masks: ResponseMasks (or the prompt mask [B, P] for the "eos" rules); fwd / adv fp32
+    [B, R]. ``args`` carries the PPOConfig fields read here: num_ppo_epochs, local_mini_batch_size,
+    per_device_train_batch_size, cliprange(_high), dual_clip, loss_agg_mode, policy_loss, cliprange_value,
+    vf_coef, entropy_coef, temperature, advantage_estimator, response_length, kl_clamp,
+    padding_aware_metrics. Minibatch rows are a permutation drawn from ``step_seed``; token and sequence
     counts are global sums over the minibatch (all ranks), so the micro-batch split never changes the
-    update. ``clip_grads()`` returns the (clipped) gradient norm before each optimizer step; a non-finite
-    one skips that step and calls ``on_nonfinite(norm)`` (which may raise). ``first_out`` = (ModelOutput,
-    cols) of a forward already run with grad on all rows in order: the first micro-batch reuses it.
+    update; one optimizer step per minibatch. ``clip_grads()`` returns the (clipped) gradient norm before
+    each optimizer step; a non-finite one skips that step and calls ``on_nonfinite(norm)`` (which may
+    raise). ``first_out`` = (ModelOutput, cols) of a forward already run with grad on all rows in order:
+    the first micro-batch reuses it.
 
-    Returns (StepStats, skipped optimizer steps, sums over the valid tokens of the first epoch's
+    Returns (StepStats, skipped optimizer steps, sums over the policy tokens of the first epoch's
     forwards: {"neg_logprob_sum": -logprob, "kl_sum": the loss-term KL (0 without one)})."""
+    masks = as_masks(rollout, masks)
     stats = StepStats.empty()
-    mask = rollout.response_mask
-    zero = torch.zeros((), device=mask.device)
+    policy, value = masks.policy, masks.value
+    zero = torch.zeros((), device=policy.device)
     first_epoch = {"neg_logprob_sum": zero, "kl_sum": zero}
-    B = mask.shape[0]
+    B = policy.shape[0]
     g = torch.Generator().manual_seed(step_seed)
     skipped = 0
     for epoch in range(args.num_ppo_epochs):
@@ -294,8 +370,8 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rollout
             perm = torch.arange(B)  # the kept forward holds the rows in order (one micro-batch: same loss)
         for mb_start in range(0, B, args.local_mini_batch_size):
             mb = perm[mb_start:mb_start + args.local_mini_batch_size]
-            num_tokens = all_reduce_sum(mask[mb].sum().float().reshape(1))
-            num_seqs = all_reduce_sum(torch.tensor([float(len(mb))], device=mask.device))
+            counts = all_reduce_sum(torch.stack([policy[mb].sum().float(), value[mb].sum().float(),
+                                                 torch.tensor(float(len(mb)), device=policy.device)]))
             micro = [mb[i:i + args.per_device_train_batch_size]
                      for i in range(0, len(mb), args.per_device_train_batch_size)]
             for k, idx in enumerate(micro):
@@ -303,9 +379,9 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rollout
                 ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
                 with ctx:
                     reuse = first_out if (epoch == 0 and mb_start == 0 and k == 0) else None
-                    _, st = micro_step(rollout, prompt_mask, fwd, adv, idx, num_tokens, num_seqs, model=model,
+                    _, st = micro_step(rollout, masks, fwd, adv, idx, counts[0:1], counts[2:3], model=model,
                                        args=args, kl_coef=kl_coef, world_size=world_size, autocast=autocast,
-                                       reuse=reuse)
+                                       reuse=reuse, num_value_tokens=counts[1:2])
                 sums = {key: st.pop(key) for key in ("neg_logprob_sum", "kl_sum") if key in st}
                 if epoch == 0:
                     for key, v in sums.items():
@@ -323,48 +399,55 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rollout
     return stats, skipped, first_epoch
 
 
-def micro_step(rollout: Rollout, prompt_mask: torch.Tensor, fwd: RolloutForward, adv: Advantages, idx: torch.Tensor,
+def micro_step(rollout: Rollout, masks, fwd: RolloutForward, adv: Advantages, idx: torch.Tensor,
                num_tokens: torch.Tensor, num_seqs: torch.Tensor, *, model, args, kl_coef: float, world_size: int = 1,
-               autocast=contextlib.nullcontext, reuse=None):
+               autocast=contextlib.nullcontext, reuse=None, num_value_tokens: torch.Tensor | None = None):
     """Forward, loss and backward on the rows ``idx`` (int64 [b]) of the rollout; gradients accumulate.
 
-    loss = policy loss (``args.policy_loss``) [+ vf_coef x value loss with a critic] [+ kl_coef x the
-    spec's loss-term KL when the estimator keeps the KL out of the reward] [- entropy_coef x entropy],
-    each aggregated by ``args.loss_agg_mode`` over the global counts num_tokens / num_seqs (fp32 [1]).
-    reuse: (ModelOutput, cols) of a forward already run with grad on these rows.
-    Returns (loss detached, per-micro-batch stats as 0-d tensors, no host sync)."""
+    loss = policy loss (``args.policy_loss``) on the policy tokens [+ vf_coef x value loss on the value
+    tokens, with a critic] [+ kl_coef x the spec's loss-term KL when the estimator keeps the KL out of the
+    reward] [- entropy_coef x entropy], each aggregated by ``args.loss_agg_mode`` over the global counts
+    num_tokens (policy tokens) / num_value_tokens / num_seqs (fp32 [1]); seq-mean-token-sum-norm divides by
+    ``args.response_length`` (Dr.GRPO's constant). reuse: (ModelOutput, cols) of a forward already run with
+    grad on these rows. Returns (loss detached, per-micro-batch stats as 0-d tensors, no host sync)."""
+    masks = as_masks(rollout, masks)
     spec = get_estimator_spec(args.advantage_estimator)
     critic = spec.needs_critic
     temperature = max(args.temperature, 1e-7)
+    rows = _rows(masks, idx)
     if reuse is not None:
         out, cols = reuse
     else:
-        ids, attn, start, cols = trim_batch(rollout.query_responses[idx], prompt_mask[idx], rollout.response_mask[idx])
+        ids, attn, start, cols = trim_batch(rollout.query_responses[idx], rows)
         with autocast():
             out = model(ids, attn, response_start=start, return_entropy=True, return_values=critic,
                         temperature=temperature)
-    m = rollout.response_mask[idx][:, :cols]
+    m, mv = rows.policy[:, :cols], rows.value[:, :cols]
     R = rollout.responses.shape[1]
+    norm_length = getattr(args, "response_length", R)
     new_lp = out.logprobs.float()
     # On-policy critic-free update (no rollout policy forward): old = new, detached (ratio 1, as TRL).
     old_lp = fwd.logprobs[idx][:, :cols] if fwd.logprobs is not None else new_lp.detach()
     clip_high = args.cliprange_high if args.cliprange_high is not None else args.cliprange
     pg_loss, pst = get_policy_loss(args.policy_loss)(
         new_lp, old_lp, adv.advantages[idx][:, :cols], m, clip_low=args.cliprange, clip_high=clip_high,
-        dual_clip=args.dual_clip, agg=args.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=R)
+        dual_clip=args.dual_clip, agg=args.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
+        norm_length=norm_length)
     # DDP averages gradients over ranks; counts are global sums, so every term is scaled back up by world size.
     loss = pg_loss * world_size
     extra = {}
     if critic:
-        vf_loss, vf_clipfrac = value_loss(out.values.float(), fwd.values[idx][:, :cols], adv.returns[idx][:, :cols], m,
-                                          clip=args.cliprange_value, agg=args.loss_agg_mode, num_tokens=num_tokens,
+        nv = num_value_tokens if num_value_tokens is not None else num_tokens
+        vf_loss, vf_clipfrac = value_loss(out.values.float(), fwd.values[idx][:, :cols], adv.returns[idx][:, :cols],
+                                          mv, clip=args.cliprange_value, agg=args.loss_agg_mode, num_tokens=nv,
                                           num_seqs=num_seqs)
         loss = (pg_loss + args.vf_coef * vf_loss) * world_size
     elif not spec.kl_in_reward and fwd.ref_logprobs is not None and kl_coef > 0:
         # GRPO's KL term: beta x k3(policy || reference) per token, aggregated like the policy loss.
-        kl_tok = get_kl_estimator(spec.kl_loss_estimator)(new_lp, fwd.ref_logprobs[idx][:, :cols])
+        kl_tok = get_kl_estimator(spec.kl_loss_estimator)(new_lp, fwd.ref_logprobs[idx][:, :cols],
+                                                          clamp=_kl_clamp(getattr(args, "kl_clamp", 10.0)))
         kl_loss = aggregate_loss(kl_tok, m, args.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
-                                 norm_length=R)
+                                 norm_length=norm_length)
         loss = loss + kl_coef * kl_loss * world_size
         with torch.no_grad():
             extra["kl_sum"] = (kl_tok * m).sum()
@@ -377,13 +460,21 @@ def micro_step(rollout: Rollout, prompt_mask: torch.Tensor, fwd: RolloutForward,
             loss = loss - args.entropy_coef * (ent_tok * m).sum() / num_tokens.clamp_min(1) * world_size
     loss.backward()
     with torch.no_grad():
-        scale = num_tokens.clamp_min(1) / m.sum().clamp_min(1)  # report the micro-batch's own token mean
+        n_policy = m.sum().clamp_min(1)
+        scale = num_tokens.clamp_min(1) / n_policy  # report the micro-batch's own token mean
+        approx_kl, ratio_mean = pst.approx_kl, pst.ratio_mean
+        if not getattr(args, "padding_aware_metrics", True):
+            # TRL 1.12 averages these over every response column of the micro-batch: padding counts as a
+            # log-ratio of 0 (ratio 1).
+            share = m.sum() / float(len(idx) * R)
+            approx_kl = approx_kl * share
+            ratio_mean = ratio_mean * share + (1.0 - share)
     st = {
-        "approxkl": pst.approx_kl, "clipfrac": pst.clipfrac, "pg_loss": (pg_loss.detach() * scale).reshape(()),
-        "entropy": ent_mean.detach() if ent_mean is not None else torch.zeros(()), "ratio": pst.ratio_mean,
+        "approxkl": approx_kl, "clipfrac": pst.clipfrac, "pg_loss": (pg_loss.detach() * scale).reshape(()),
+        "entropy": ent_mean.detach() if ent_mean is not None else torch.zeros(()), "ratio": ratio_mean,
         "neg_logprob_sum": (-new_lp.detach() * m).sum(), **extra,
     }
     if critic:
-        st["vf_loss"] = (vf_loss.detach() * scale).reshape(())
+        st["vf_loss"] = (vf_loss.detach() * nv.clamp_min(1) / mv.sum().clamp_min(1)).reshape(())
         st["vf_clipfrac"] = vf_clipfrac.detach().reshape(())
     return loss.detach(), st

@@ -12,7 +12,8 @@ from torch import nn
 
 from rlhf_fast.models import PolicyValueModel, make_reward
 
-__all__ = ["ModelLayout", "build_policy_value", "build_reward", "load_classifier", "reference_dtype",
+__all__ = ["ModelLayout", "build_policy_value", "build_reward", "decide_gradient_checkpointing", "load_classifier",
+           "reference_dtype",
            "BatchPlan", "plan_batches", "new_trainer_state"]
 
 
@@ -47,10 +48,14 @@ def load_classifier(model_or_path):
 
 
 def build_policy_value(args, model, ref_model, value_model, peft_config, tokenizer,
-                       note: Callable[[str], None]) -> ModelLayout:
+                       note: Callable[[str], None], *, prompt_len: int = 1, device=None,
+                       world_size: int = 1) -> ModelLayout:
     """The policy-value layout PPOConfig asks for: critic "shared" / "separate" / "none" (from the
-    estimator's spec when "auto"), reference "frozen" / "lora" / "none" (from peft_config and kl_coef when
-    "auto"). ``note`` receives one line per decision a user should see."""
+    estimator's spec when "auto"), reference "frozen" / "lora" / "none" (when "auto": "lora" with
+    peft_config; "none" for a critic-free estimator with kl_coef == 0, as TRL GRPO builds no reference at
+    beta 0; else "frozen", as TRL 1.12's PPO always has one and logs the KL even at kl_coef 0), and gradient
+    checkpointing (``decide_gradient_checkpointing``). ``note`` receives one line per decision a user
+    should see."""
     critic = args.critic
     if not args.uses_critic:
         if value_model is not None:
@@ -69,19 +74,23 @@ def build_policy_value(args, model, ref_model, value_model, peft_config, tokeniz
         note("critic='shared': one backbone for policy and value (value head on the policy)")
     reference = args.reference
     if reference == "auto":
-        reference = "lora" if peft_config is not None else ("none" if args.kl_coef == 0 and ref_model is None
-                                                               else "frozen")
+        critic_free_without_kl = args.kl_coef == 0 and ref_model is None and not args.uses_critic
+        reference = "lora" if peft_config is not None else ("none" if critic_free_without_kl else "frozen")
     if peft_config is not None and reference != "lora":
         raise ValueError(f"peft_config given with reference={reference!r}: LoRA training uses reference='lora'")
     if reference == "none" and args.kl_coef != 0:
         raise ValueError(f"reference='none' but kl_coef={args.kl_coef}: set kl_coef=0 or use a reference")
     ref_dtype = reference_dtype(args.reference_dtype, ref_model if ref_model is not None else model)
+    checkpointing = decide_gradient_checkpointing(args, model, critic=critic, reference=reference,
+                                                  prompt_len=prompt_len, device=device, world_size=world_size,
+                                                  note=note)
     pv = PolicyValueModel(
         model, reference=reference, critic=critic,
         critic_model=load_classifier(value_model) if critic == "separate" else None,
         vf_coef=1.0,  # the trainer weights the value loss itself: loss = pg + vf_coef * vf (TRL)
         lora_config=peft_config, reference_dtype=ref_dtype, reference_offload=args.reference_offload,
-        gradient_checkpointing=args.gradient_checkpointing, tokenizer=tokenizer,
+        gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        tokenizer=tokenizer,
         temperature=max(args.temperature, 1e-7),
     )
     if ref_model is not None and reference == "frozen":
@@ -89,6 +98,42 @@ def build_policy_value(args, model, ref_model, value_model, peft_config, tokeniz
 
         pv.reference = FrozenReference(load_causal_lm(ref_model), ref_dtype, args.reference_offload)
     return ModelLayout(pv, reference, critic)
+
+
+def decide_gradient_checkpointing(args, model, *, critic: str, reference: str, prompt_len: int, device=None,
+                                  world_size: int = 1, note: Callable[[str], None] = print) -> bool:
+    """``args.gradient_checkpointing`` when it is True or False; for None, on only when the memory predictor
+    puts one step above 90% of the memory free on ``device`` without recompute (the decision is noted).
+
+    Recompute changes time and memory, never the numbers. ``model``: the policy (module, or a local
+    directory / preset name whose config the predictor reads)."""
+    if args.gradient_checkpointing is not None:
+        return bool(args.gradient_checkpointing)
+    from rlhf_fast import memory
+    from rlhf_fast.measure import available_bytes
+
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if isinstance(model, nn.Module):
+        shape = memory.model_shape(model)
+        dtype = next(model.parameters()).dtype
+    else:
+        shape = memory.model_shape(memory.build_meta_model(memory.load_model_config(os.fspath(model))))
+        dtype = torch.float32
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    setup = memory.Setup(
+        batch=args.per_device_train_batch_size, prompt_len=max(int(prompt_len), 1), response_len=args.response_length,
+        layout="four-model" if critic == "separate" else "shared",
+        reference=reference if reference in memory.REFERENCE_MODES else "frozen", dtype=dtype_name,
+        precision="amp" if (args.bf16 or args.fp16) and dtype_name == "fp32" else "pure",
+        grad_checkpointing=False, gpus=max(world_size, 1), fsdp=world_size > 1 and args.distributed_strategy == "fsdp2",
+        gen_batch=args.local_rollout_forward_batch_size, device="cuda" if device.type == "cuda" else "cpu")
+    need = memory.predict(shape, setup).peak_bytes
+    free = available_bytes(str(device))
+    on = free is not None and need > 0.9 * free
+    where = f"{free / 2**30:.1f} GiB free on {device}" if free is not None else f"free memory on {device} unknown"
+    note(f"gradient_checkpointing=None: predicted {need / 2**30:.2f} GiB per step without recompute, {where}: "
+         f"checkpointing {'on' if on else 'off'} (set gradient_checkpointing=True/False to force it)")
+    return on
 
 
 def build_reward(reward_model) -> Any:
