@@ -290,12 +290,12 @@ class PolicyValueModel(nn.Module):
                     f"got Linear({head.in_features}, {head.out_features})"
                 )
             critic = classifier_backbone(critic_model)
+            if head.bias is None:  # the critic's own head (as TRL trains it): a bias-free Linear stays bias-free
+                self.value_head = nn.Linear(H, 1, bias=False, dtype=torch.float32, device=self.value_head.weight.device)
             with torch.no_grad():
                 self.value_head.weight.copy_(head.weight.float())
                 if head.bias is not None:
                     self.value_head.bias.copy_(head.bias.float())
-                else:
-                    self.value_head.bias.zero_()
         if dtype is not None:
             critic = critic.to(dtype)
         critic = critic.to(self.value_head.weight.device)

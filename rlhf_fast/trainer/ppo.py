@@ -263,6 +263,8 @@ class PPOTrainer:
 
     def log(self, metrics: dict) -> None:
         """Append to ``state.log_history`` (TRL's Trainer.log), fire ``on_log`` and write to the sinks."""
+        if self.state.epoch is not None:  # as transformers' Trainer.log, which TRL's trainer uses
+            metrics = {**metrics, "epoch": self.state.epoch}
         entry = {**metrics, "step": self.state.global_step}
         self.state.log_history.append(entry)
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=metrics)
