@@ -30,6 +30,7 @@ computes exactly what it computes without padding.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -85,6 +86,10 @@ def _disable_dropout(model: nn.Module) -> None:
         for attr in ("attention_dropout", "dropout"):
             if isinstance(getattr(m, attr, None), float):
                 setattr(m, attr, 0.0)
+
+
+def _is_peft_model(model) -> bool:
+    return isinstance(model, nn.Module) and hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def _enable_checkpointing(model: nn.Module, kwargs: dict | None = None) -> None:
@@ -199,6 +204,8 @@ class PolicyValueModel(nn.Module):
         tokenizer=None,
         temperature: float = 1.0,
         disable_dropout: bool = True,
+        model_adapter_name: str | None = None,
+        ref_adapter_name: str | None = None,
     ):
         super().__init__()
         if reference not in REFERENCE_MODES:
@@ -225,7 +232,20 @@ class PolicyValueModel(nn.Module):
                 ) from None
 
         self.tokenizer = ensure_pad_token(tokenizer) if tokenizer is not None else None
-        base = load_causal_lm(model, dtype=dtype, attn_implementation=attn_implementation)
+        peft_given = _is_peft_model(model)
+        if peft_given and (reference != "lora" or lora_config is not None):
+            raise ValueError("a peft model (adapters already attached) trains its adapters with reference='lora' "
+                             "and no lora_config; pass the base model with lora_config to attach new ones")
+        if ref_adapter_name is not None and not peft_given:
+            raise ValueError(f"ref_adapter_name={ref_adapter_name!r} needs a peft model holding that adapter")
+        if peft_given:
+            for name in (model_adapter_name, ref_adapter_name):
+                if name is not None and name not in model.peft_config:
+                    raise ValueError(f"adapter {name!r} is not in the peft model (it has {sorted(model.peft_config)})")
+            if model_adapter_name is not None:
+                model.set_adapter(model_adapter_name)
+        self.model_adapter_name, self.ref_adapter_name = model_adapter_name, ref_adapter_name
+        base = model if peft_given else load_causal_lm(model, dtype=dtype, attn_implementation=attn_implementation)
         if disable_dropout:
             _disable_dropout(base)
         self.reference_mode = reference
@@ -248,7 +268,7 @@ class PolicyValueModel(nn.Module):
 
         if gradient_checkpointing:
             _enable_checkpointing(base, gradient_checkpointing_kwargs)
-        if reference == "lora":
+        if reference == "lora" and not peft_given:
             base = self._wrap_lora(base, lora_config)
             if disable_dropout:
                 _disable_dropout(base)  # also any lora_dropout the config asked for
@@ -379,7 +399,7 @@ class PolicyValueModel(nn.Module):
         _check_batch(input_ids, attention_mask, response_start, response_mask)
         temperature = self.temperature if temperature is None else temperature
         if self.reference_mode == "lora":
-            with self.policy.disable_adapter():
+            with self._reference_adapter():
                 out = self._token_logprobs(self.backbone, self.lm_head, input_ids, attention_mask,
                                            response_start, response_mask, False, temperature)
             return out[2]
@@ -394,6 +414,20 @@ class PolicyValueModel(nn.Module):
             if ref.auto_offload:
                 ref.offload()
         return out[2]
+
+    @contextlib.contextmanager
+    def _reference_adapter(self):
+        """The reference of a LoRA policy: adapters disabled, or (TRL's ref_adapter_name) that adapter active,
+        then the trained one (model_adapter_name, else "default") again."""
+        if self.ref_adapter_name is None:
+            with self.policy.disable_adapter():
+                yield
+            return
+        self.policy.set_adapter(self.ref_adapter_name)
+        try:
+            yield
+        finally:
+            self.policy.set_adapter(self.model_adapter_name or "default")
 
     # ------------------------------------------------------------------ bookkeeping
     def components(self) -> dict[str, object]:

@@ -118,7 +118,9 @@ def save_checkpoint(trainer) -> Path | None:
     final = out / f"checkpoint-{step}"
     tmp = out / f".tmp-checkpoint-{step}-{os.getpid()}"
     weights = distributed.full_trainable_state(trainer)  # every rank takes part under FSDP
-    optim_state = distributed.full_optimizer_state(trainer)
+    # save_only_model (TrainingArguments): the weights and run state only, no optimizer / scheduler / RNG
+    only_model = bool(getattr(a, "save_only_model", False))
+    optim_state = None if only_model else distributed.full_optimizer_state(trainer)
     rng = _rng_state()
     if trainer.world_size > 1:
         rngs = [None] * trainer.world_size
@@ -130,10 +132,11 @@ def save_checkpoint(trainer) -> Path | None:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        for r, s in enumerate(rngs):
-            torch.save(s, tmp / f"rng_state_{r}.pt")
+        if not only_model:
+            torch.save(optim_state, tmp / "optimizer.pt")
+            torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            for r, s in enumerate(rngs):
+                torch.save(s, tmp / f"rng_state_{r}.pt")
         trainer.state.save_to_json(str(tmp / "hf_trainer_state.json"))
         extra = {
             "global_step": step,
@@ -145,6 +148,7 @@ def save_checkpoint(trainer) -> Path | None:
             "world_size": trainer.world_size,
             "distributed": distributed.strategy_name(trainer),
             "fingerprint": run_fingerprint(trainer),
+            "save_only_model": only_model,
         }
         (tmp / STATE_FILE).write_text(json.dumps(extra, indent=1))
         if trainer.tokenizer is not None:
@@ -184,7 +188,14 @@ def resolve_checkpoint(output_dir, resume_from_checkpoint) -> Path:
     if not (path / COMPLETE).is_file():
         raise ValueError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was being written when the "
                          "run stopped; resume from an earlier checkpoint")
-    for name in (WEIGHTS_FILE, STATE_FILE, "optimizer.pt", "scheduler.pt"):
+    for name in (WEIGHTS_FILE, STATE_FILE):
+        if not (path / name).is_file():
+            raise ValueError(f"checkpoint {path} is missing {name}")
+    if json.loads((path / STATE_FILE).read_text()).get("save_only_model"):
+        raise ValueError(f"checkpoint {path} was written with save_only_model=True: it holds the weights but no "
+                         "optimizer, scheduler or RNG state, so training cannot resume from it (load its "
+                         f"{WEIGHTS_FILE} as weights, or save without save_only_model)")
+    for name in ("optimizer.pt", "scheduler.pt"):
         if not (path / name).is_file():
             raise ValueError(f"checkpoint {path} is missing {name}")
     return path

@@ -34,14 +34,27 @@ from rlhf_fast.trainer.batching import (
     prompt_token_lists,
 )
 from rlhf_fast.trainer.controllers import KLController, RunningMoments
-from rlhf_fast.trainer.distributed import all_reduce_sum, rank_and_world_size
-from rlhf_fast.trainer.logging import MetricsLogger, step_metrics
+from rlhf_fast.trainer.distributed import (
+    all_reduce_sum,
+    init_from_env,
+    limit_threads_per_rank,
+    rank_and_world_size,
+)
+from rlhf_fast.trainer.logging import MetricsLogger, should_log, step_metrics
 from rlhf_fast.trainer.optim import autocast_ctx, build_adamw, build_hf_scheduler
 from rlhf_fast.trainer.ppo_config import PPOConfig
 from rlhf_fast.trainer.ppo_step import Advantages, RolloutForward
 from rlhf_fast.trainer.rollout import Rollout, prompt_seeds
-from rlhf_fast.trainer.setup import build_policy_value, build_reward, new_trainer_state, plan_batches
+from rlhf_fast.trainer.setup import (
+    build_policy_value,
+    build_reward,
+    has_active_dropout,
+    new_trainer_state,
+    plan_batches,
+    resolve_stop_token,
+)
 from rlhf_fast.trainer.signals import StopSignal
+from rlhf_fast.trainer.trainer_api import TrainerAPI
 
 
 class NonFiniteError(RuntimeError):
@@ -49,12 +62,12 @@ class NonFiniteError(RuntimeError):
 
 
 # =============================================================================== the trainer
-class PPOTrainer:
+class PPOTrainer(TrainerAPI):
     """Drop-in for TRL 1.12's PPOTrainer on rlhf_fast's fused kernels and shared-weight layout.
 
     Args (TRL's, same order): args (PPOConfig), processing_class (tokenizer), model (causal LM or
     path; None -> args.sft_model_path), ref_model (frozen reference; None -> a copy, LoRA-disabled
-    weights with peft_config, or none when kl_coef == 0), reward_model (sequence-classification
+    weights with peft_config, or none for a critic-free estimator at kl_coef 0), reward_model (sequence-classification
     model, path, or callable ``(prompts, completions) -> list[float]``; None -> args.reward_model_path),
     train_dataset (rows with ``input_ids`` or ``prompt``), value_model (becomes the separate critic,
     unless args.critic == "shared"), data_collator (used to collate prompt rows when given),
@@ -74,19 +87,22 @@ class PPOTrainer:
             raise ValueError("model and ref_model cannot be the same object: pass a copy, or None")
         self.args = args
         set_seed(args.seed)
+        # Launched by torchrun, the trainer joins the process group (if TrainingArguments' device set-up has not
+        # already), as TRL's accelerate does, with ddp_timeout.
+        init_from_env(args.ddp_backend, timeout=args.ddp_timeout)
         self.rank, self.world_size = rank_and_world_size()
         self.is_main = self.rank == 0
         # Whitening statistics and token counts are global: reduce over every rank.
         self.group = torch.distributed.group.WORLD if self.world_size > 1 else None
         self.device = torch.device("cpu") if args.use_cpu or not torch.cuda.is_available() else args.device
         if self.world_size > 1:
-            self._limit_threads()
+            limit_threads_per_rank(self.world_size)
 
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required")
         self.tokenizer = ensure_pad_token(processing_class)
         self.pad_token_id = self.tokenizer.pad_token_id
-        self.stop_token_id = self._resolve_stop_token()
+        self.stop_token_id = resolve_stop_token(args, self.tokenizer)
         self.data_collator = data_collator
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.prompts = prompt_token_lists(train_dataset, self.tokenizer)
@@ -102,7 +118,8 @@ class PPOTrainer:
         if isinstance(getattr(self.reward, "model", None), nn.Module):
             self.reward.model.to(self.device)
         self.prompts_per_step, self.sample_generations_freq = plan_batches(args, self.world_size, len(self.prompts))
-        self.sampler = PromptSampler(len(self.prompts), self.prompts_per_step, args.seed, self.rank, self.world_size)
+        data_seed = args.seed if args.data_seed is None else args.data_seed
+        self.sampler = PromptSampler(len(self.prompts), self.prompts_per_step, data_seed, self.rank, self.world_size)
 
         # ---- distributed wrapping (FSDP2 replaces parameters: before the optimizer sees them)
         self.optimizer, self.lr_scheduler = optimizers
@@ -113,9 +130,15 @@ class PPOTrainer:
 
         # ---- optimizer, scheduler, KL control
         if self.optimizer is None:
-            self.optimizer = self._create_optimizer()
+            self.optimizer = build_adamw(self.model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                         fused_allowed=str(getattr(args.optim, "value", args.optim)) == "adamw_torch_fused"
+                                         and not (self.world_size > 1 and args.distributed_strategy == "fsdp2"))
         if self.lr_scheduler is None:
-            self.lr_scheduler = self._create_scheduler()
+            self.lr_scheduler = build_hf_scheduler(
+                self.optimizer, args.lr_scheduler_type, total_steps=args.num_total_batches,
+                warmup_steps=args.warmup_steps, warmup_ratio=getattr(args, "warmup_ratio", None),
+                scheduler_kwargs=args.lr_scheduler_kwargs)
         self.kl_ctl = KLController(args.kl_controller, args.kl_coef, args.kl_target, args.kl_horizon)
         self.score_moments = RunningMoments()
 
@@ -132,41 +155,14 @@ class PPOTrainer:
         # When the first update is one micro-batch of the whole batch, its forward doubles as the rollout
         # forward (see _first_update_reuses_rollout_forward); False always runs the separate no-grad pass.
         self.reuse_rollout_forward = True
-        self._dropout_free = not any((isinstance(m, nn.Dropout) and m.p > 0)
-                                     or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0
-                                     for m in self.model.modules())
+        self._dropout_free = not has_active_dropout(self.model)
         self._completions_rows: list[dict] = []
 
     # ------------------------------------------------------------------ setup helpers
-    def _limit_threads(self) -> None:
-        # One thread per rank when cores are few: oversubscription makes steps 10-20x slower.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
-
     def _note(self, msg: str) -> None:
         self.log_messages.append(msg)
         if self.is_main:
             print(f"[rlhf_fast] {msg}", flush=True)
-
-    def _resolve_stop_token(self) -> int | None:
-        a = self.args
-        if a.stop_token == "eos":
-            if self.tokenizer.eos_token_id is None:
-                raise ValueError("stop_token='eos' but the tokenizer has no eos_token_id")
-            return int(self.tokenizer.eos_token_id)
-        return a.stop_token_id
-
-    def _create_optimizer(self) -> torch.optim.Optimizer:
-        a = self.args
-        return build_adamw(self.model.parameters(), lr=a.learning_rate, weight_decay=a.weight_decay,
-                           betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
-                           fused_allowed=not (self.world_size > 1 and a.distributed_strategy == "fsdp2"))
-
-    def _create_scheduler(self):
-        a = self.args
-        return build_hf_scheduler(self.optimizer, a.lr_scheduler_type, total_steps=a.num_total_batches,
-                                  warmup_steps=a.warmup_steps, warmup_ratio=getattr(a, "warmup_ratio", None),
-                                  scheduler_kwargs=a.lr_scheduler_kwargs)
 
     def _wrap_distributed(self):
         """DDP or FSDP2 over the trainable model when a process group exists; under FSDP2 the frozen
@@ -258,6 +254,9 @@ class PPOTrainer:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the policy (HF format, safetensors) + value head + tokenizer to ``output_dir``."""
         out = output_dir or self.args.output_dir
+        if self.args.push_to_hub and not _internal_call:  # as transformers' Trainer.save_model
+            self.push_to_hub(commit_message="Model save")
+            return
         if self.is_main:
             self.model.save_pretrained(out)
 
@@ -336,7 +335,7 @@ class PPOTrainer:
             "tokens_per_second": n_tokens / max(t_upd - t0, 1e-9), "skipped_updates": skipped,
         })
         self.lr_scheduler.step()
-        if self._should_log():
+        if should_log(self.args, self.state, len(self.prompts) * self.args.num_generations):
             self.log(metrics)
         self._last_rollout = rollout
         return metrics
@@ -387,10 +386,6 @@ class PPOTrainer:
         self.model.train()
         return ppo_step.rollout_forward_with_grad(self.ddp_model, rollout, masks, ref_fwd.ref_logprobs,
                                                   temperature=kw["temperature"], autocast=self._autocast)
-
-    def _should_log(self) -> bool:
-        s = self.state
-        return (s.global_step % max(s.logging_steps, 1) == 0 or s.global_step == 1 or s.global_step >= s.max_steps)
 
     def _skip_step(self, reason: str, t0: float) -> None:
         self.nonfinite_steps += 1
@@ -466,8 +461,9 @@ class PPOTrainer:
     # ------------------------------------------------------------------ sampling for humans
     @torch.no_grad()
     def generate_completions(self, sampling: bool = False) -> list[dict]:
-        """Greedy completions for eval_dataset prompts with their scores; prints a table, appends to
-        output_dir/completions.jsonl. ``sampling=True`` does only the first batch (TRL's meaning)."""
+        """Completions for eval_dataset prompts, sampled at temperature 0.01 as TRL does (seeded by the prompt
+        and the step), with their scores; prints a table, appends to output_dir/completions.jsonl.
+        ``sampling=True`` does only the first batch (TRL's meaning)."""
         import json
 
         if self.eval_dataset is None:
@@ -481,8 +477,10 @@ class PPOTrainer:
             ids, pmask = left_pad(prompts[s:s + bs], self.pad_token_id, self.device)
             with self._autocast():
                 ro = ppo_step.generate_rollout(self.model, ids, pmask, response_length=a.response_length,
-                                               temperature=0.0, pad_token_id=self.pad_token_id,
-                                               stop_token_ids=self._stop_ids(), chunk_size=bs)
+                                               temperature=0.01, pad_token_id=self.pad_token_id,
+                                               stop_token_ids=self._stop_ids(), chunk_size=bs,
+                                               seeds=prompt_seeds(a.seed, torch.arange(s, s + ids.shape[0]),
+                                                                  self.state.global_step))
             rows += [{"step": self.state.global_step, **row}
                      for row in ppo_step.scored_completions(self.reward, self.tokenizer, ro, pmask)]
             if sampling:

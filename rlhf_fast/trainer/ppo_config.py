@@ -14,23 +14,32 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-# TrainingArguments fields the trainer reads (besides the PPO fields declared below).
+# TrainingArguments fields the trainer reads, each with a test that changes only it and sees the effect
+# (tests/trainer/test_field_walk.py holds every field of PPOConfig to one category).
 HONOURED_TRAINING_ARGUMENTS = {
-    "output_dir", "overwrite_output_dir", "learning_rate", "per_device_train_batch_size",
-    "per_device_eval_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-    "seed", "data_seed", "logging_steps", "logging_strategy", "logging_first_step", "logging_dir",
-    "save_steps", "save_strategy", "save_total_limit", "save_only_model", "report_to", "bf16", "fp16",
-    "use_cpu", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "max_grad_norm",
-    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "gradient_checkpointing",
-    "gradient_checkpointing_kwargs", "disable_tqdm", "run_name", "eval_strategy", "eval_steps",
-    "dataloader_drop_last", "remove_unused_columns", "local_rank", "ddp_backend", "log_level",
-    "resume_from_checkpoint", "do_train", "do_eval", "do_predict", "push_to_hub", "hub_model_id",
-    "logging_nan_inf_filter", "dataloader_num_workers", "dataloader_pin_memory", "label_names",
-    "include_num_input_tokens_seen", "ddp_timeout", "torch_compile", "activation_checkpointing",
-    "activation_checkpointing_kwargs", "accelerator_config",
+    "output_dir", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed", "data_seed", "logging_steps",
+    "logging_strategy", "logging_first_step", "save_steps", "save_strategy", "save_total_limit", "save_only_model",
+    "report_to", "run_name", "bf16", "fp16", "use_cpu", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "max_grad_norm", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim",
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
+    "activation_checkpointing_kwargs", "disable_tqdm", "eval_steps", "push_to_hub", "hub_model_id", "hub_token",
+    "hub_private_repo", "hub_revision", "ddp_timeout",
 }
+# Read by scripts, not by a Trainer (transformers' own Trainer ignores them too), or applied by TrainingArguments
+# itself when it is built (ddp_backend: accelerate's process-group set-up under torchrun; dataloader_pin_memory:
+# normalised per device): accepted silently.
+SCRIPT_TRAINING_ARGUMENTS = {"do_train", "do_eval", "do_predict", "resume_from_checkpoint", "overwrite_output_dir",
+                             "local_rank", "dataloader_pin_memory", "ddp_backend"}
 # Set to a non-default value, these would change what the run computes: refuse rather than ignore.
-REJECTED_TRAINING_ARGUMENTS = {"deepspeed", "fsdp", "fsdp_config", "tf32", "torch_compile_backend"}
+REJECTED_TRAINING_ARGUMENTS = {"deepspeed", "fsdp", "fsdp_config", "tf32", "parallelism_config"}
+# TRL PPOConfig fields with no meaning here: warned by name when set (DeepSpeed ZeRO-3 gathering).
+UNUSED_TRL_FIELDS = {"ds3_gather_for_generation": True}
+# Read by scripts (TRL's examples; `rlhf-fast ppo` for dataset / eval_dataset), not by the trainer.
+SCRIPT_TRL_FIELDS = {"exp_name", "dataset_num_proc", "dataset", "eval_dataset"}
+# Written by the trainer from the batch fields (TRL's batch arithmetic); a value passed in is overwritten.
+DERIVED_FIELDS = {"world_size", "num_total_batches", "micro_batch_size", "local_batch_size", "batch_size",
+                  "local_mini_batch_size", "mini_batch_size"}
 SUPPORTED_OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "adamw_hf"}
 
 
@@ -217,6 +226,12 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.optim not in SUPPORTED_OPTIMIZERS and str(getattr(self.optim, "value", self.optim)) not in SUPPORTED_OPTIMIZERS:
             raise ValueError(f"optim={self.optim!r} is not supported; use one of {sorted(SUPPORTED_OPTIMIZERS)}")
+        for name in sorted(REJECTED_TRAINING_ARGUMENTS):  # before transformers acts on them (imports, globals)
+            value = getattr(self, name, None)
+            if value not in (None, False, "", [], {}):
+                why = ("tf32 changes matmul precision process-wide" if name == "tf32" else
+                       "use torchrun with distributed_strategy='ddp' | 'fsdp2' instead")
+                raise ValueError(f"PPOConfig.{name}={value!r} is not supported by rlhf_fast's PPOTrainer ({why})")
         decide_checkpointing = self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", None) is None
         with warnings.catch_warnings():
             # A TRL script's explicit gradient_checkpointing trips transformers 5's rename warning.
@@ -228,10 +243,7 @@ class PPOConfig(TrainingArguments):
                 self.activation_checkpointing = None
         for name, value in self.unsupported_settings().items():
             if name in REJECTED_TRAINING_ARGUMENTS:
-                raise ValueError(
-                    f"PPOConfig.{name}={value!r} is not supported by rlhf_fast (use torchrun with "
-                    "DDP/FSDP2 through rlhf_fast's own fields instead)"
-                )
+                continue
             warnings.warn(f"PPOConfig.{name}={value!r} is not used by rlhf_fast's PPOTrainer and has no effect",
                           stacklevel=2)
 
@@ -313,15 +325,21 @@ class PPOConfig(TrainingArguments):
     def unsupported_settings(self) -> dict:
         """TrainingArguments fields set to a non-default value that this trainer does not read."""
         own = {f.name for f in dataclasses.fields(PPOConfig)} - {f.name for f in dataclasses.fields(TrainingArguments)}
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)
-                    if f.default is not dataclasses.MISSING}
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(TrainingArguments)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
         out = {}
         for f in dataclasses.fields(TrainingArguments):
-            if f.name in HONOURED_TRAINING_ARGUMENTS or f.name in own or f.name.startswith("_"):
+            if (f.name in HONOURED_TRAINING_ARGUMENTS or f.name in SCRIPT_TRAINING_ARGUMENTS or f.name in own
+                    or f.name.startswith("_")):
                 continue
             if f.name not in defaults or not f.init:
                 continue
             value = getattr(self, f.name, defaults[f.name])
+            if f.name == "accelerator_config" and value is not None and value == type(value)():
+                continue  # transformers normalises the default None into a default AcceleratorConfig
             if value != defaults[f.name] and value not in (None, [], {}, ""):
                 out[f.name] = value
+        out.update({name: getattr(self, name) for name, default in UNUSED_TRL_FIELDS.items()
+                    if getattr(self, name) != default})
         return out

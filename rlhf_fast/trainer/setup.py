@@ -14,7 +14,7 @@ from rlhf_fast.models import PolicyValueModel, make_reward
 
 __all__ = ["ModelLayout", "build_policy_value", "build_reward", "decide_gradient_checkpointing", "load_classifier",
            "reference_dtype",
-           "BatchPlan", "plan_batches", "new_trainer_state"]
+           "BatchPlan", "plan_batches", "new_trainer_state", "resolve_stop_token", "has_active_dropout"]
 
 
 class ModelLayout(NamedTuple):
@@ -52,7 +52,7 @@ def build_policy_value(args, model, ref_model, value_model, peft_config, tokeniz
                        world_size: int = 1) -> ModelLayout:
     """The policy-value layout PPOConfig asks for: critic "shared" / "separate" / "none" (from the
     estimator's spec when "auto"), reference "frozen" / "lora" / "none" (when "auto": "lora" with
-    peft_config; "none" for a critic-free estimator with kl_coef == 0, as TRL GRPO builds no reference at
+    peft_config or a peft model, whose ``ref_adapter_name`` adapter is then the reference, as TRL's; "none" for a critic-free estimator with kl_coef == 0, as TRL GRPO builds no reference at
     beta 0; else "frozen", as TRL 1.12's PPO always has one and logs the KL even at kl_coef 0), and gradient
     checkpointing (``decide_gradient_checkpointing``). ``note`` receives one line per decision a user
     should see."""
@@ -75,7 +75,8 @@ def build_policy_value(args, model, ref_model, value_model, peft_config, tokeniz
     reference = args.reference
     if reference == "auto":
         critic_free_without_kl = args.kl_coef == 0 and ref_model is None and not args.uses_critic
-        reference = "lora" if peft_config is not None else ("none" if critic_free_without_kl else "frozen")
+        has_adapters = peft_config is not None or (ref_model is None and hasattr(model, "peft_config"))
+        reference = "lora" if has_adapters else ("none" if critic_free_without_kl else "frozen")
     if peft_config is not None and reference != "lora":
         raise ValueError(f"peft_config given with reference={reference!r}: LoRA training uses reference='lora'")
     if reference == "none" and args.kl_coef != 0:
@@ -90,7 +91,7 @@ def build_policy_value(args, model, ref_model, value_model, peft_config, tokeniz
         vf_coef=1.0,  # the trainer weights the value loss itself: loss = pg + vf_coef * vf (TRL)
         lora_config=peft_config, reference_dtype=ref_dtype, reference_offload=args.reference_offload,
         gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, model_adapter_name=args.model_adapter_name, ref_adapter_name=args.ref_adapter_name,
         temperature=max(args.temperature, 1e-7),
     )
     if ref_model is not None and reference == "frozen":
@@ -193,5 +194,21 @@ def new_trainer_state(args, num_prompts: int, is_main: bool):
     state.logging_steps = math.ceil(args.logging_steps * state.max_steps) if args.logging_steps < 1 \
         else int(args.logging_steps)
     state.save_steps = math.ceil(args.save_steps * state.max_steps) if args.save_steps < 1 else int(args.save_steps)
-    state.eval_steps = state.logging_steps
+    eval_steps = args.eval_steps if args.eval_steps is not None else state.logging_steps
+    state.eval_steps = math.ceil(eval_steps * state.max_steps) if eval_steps < 1 else int(eval_steps)
     return state
+
+
+def resolve_stop_token(args, tokenizer) -> int | None:
+    """The token id that ends a response: the tokenizer's EOS for stop_token="eos", else stop_token_id."""
+    if args.stop_token == "eos":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("stop_token='eos' but the tokenizer has no eos_token_id")
+        return int(tokenizer.eos_token_id)
+    return args.stop_token_id
+
+
+def has_active_dropout(model: nn.Module) -> bool:
+    """Whether any module would drop activations in train mode (then a forward cannot stand in for another)."""
+    return any((isinstance(m, nn.Dropout) and m.p > 0) or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0
+               for m in model.modules())

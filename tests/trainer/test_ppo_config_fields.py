@@ -218,10 +218,23 @@ def test_seed(tmp_path):
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
-def test_logging_steps(tmp_path):
-    tr = make(tmp_path, logging_steps=2, total_episodes=40)  # 5 steps: logs at 1, 2, 4, 5 (first, every 2, last)
+def _logged_steps(tmp_path, **kw) -> list[int]:
+    tr = make(tmp_path, total_episodes=40, **kw)  # batch 8, 24 prompts: 5 steps, a pass over the prompts every 3
     tr.train()
-    assert [h["step"] for h in tr.state.log_history] == [1, 2, 4, 5]
+    return [h["step"] for h in tr.state.log_history]
+
+
+def test_logging_steps(tmp_path):
+    assert _logged_steps(tmp_path, logging_steps=2) == [2, 4, 5]  # every 2, and the last
+
+
+def test_logging_first_step(tmp_path):
+    assert _logged_steps(tmp_path, logging_steps=2, logging_first_step=True) == [1, 2, 4, 5]
+
+
+def test_logging_strategy(tmp_path):
+    assert _logged_steps(tmp_path, logging_strategy="no") == []
+    assert _logged_steps(tmp_path, logging_strategy="epoch") == [3, 5]  # a pass over the prompts, and the last
 
 
 def test_save_steps_and_save_strategy(tmp_path):
