@@ -52,7 +52,8 @@ def test_unknown_name_lists_valid_ones():
         algos.get_policy_loss("ppo2")
     with pytest.raises(ValueError, match=r"unknown advantage estimator 'grpo2'; valid names: .*gae"):
         algos.get_advantage_estimator("grpo2")
-    with pytest.raises(ValueError, match=r"unknown KL estimator 'k4'; valid names: abs, k1, k2, k3"):
+    with pytest.raises(ValueError, match=r"unknown KL estimator 'k4'; valid names: abs, abs\+, k1, k1\+, k2, k3, k3\+, "
+                                         r"low_var_kl, low_var_kl\+"):
         algos.get_kl_estimator("k4")
 
 
