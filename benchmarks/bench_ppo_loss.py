@@ -99,11 +99,15 @@ def timings(B: int, T: int, device: str = "cpu", rounds: int = 3) -> dict:
     would time the kernel's page faults rather than the op). Providers alternate over ``rounds``
     and the best median is kept, so load from other processes hits both sides alike."""
     inp = make_inputs(B, T, device)
-    steps = {p: step_fn(p, inp)[0] for p in ("torch", "rlhf_fast")}
+    return best_of_rounds({p: step_fn(p, inp)[0] for p in ("torch", "rlhf_fast")}, device, rounds, repeats=30)
+
+
+def best_of_rounds(steps: dict, device: str, rounds: int, repeats: int) -> dict:
+    """{provider: time_fn result}: providers alternate over ``rounds``, the best median is kept."""
     best: dict = {}
     for _ in range(rounds):
         for p, step in steps.items():
-            r = time_fn(step, warmup=3, repeats=30, device=device)
+            r = time_fn(step, warmup=3, repeats=repeats, device=device)
             if p not in best or r["time_ms"] < best[p]["time_ms"]:
                 best[p] = r
     return best
@@ -133,13 +137,8 @@ def family_rows(B: int, T: int, device: str = "cpu", rounds: int = 3) -> tuple[l
     inp = make_inputs(B, T, device)
     rows, summary = [], []
     for name, (_, bytes_per_token) in FAMILY.items():
-        res = {}
         steps = {p: family_step_fn(p, name, inp) for p in ("torch", "rlhf_fast")}
-        for _ in range(rounds):
-            for p, step in steps.items():
-                r = time_fn(step, warmup=3, repeats=20, device=device)
-                if p not in res or r["time_ms"] < res[p]["time_ms"]:
-                    res[p] = r
+        res = best_of_rounds(steps, device, rounds, repeats=20)
         for p, step in steps.items():
             with AllocationTracker() as tracker:
                 step()
