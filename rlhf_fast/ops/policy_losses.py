@@ -670,11 +670,14 @@ def policy_loss(
                    rollout_is_min=rollout_is_min, rollout_is_max=rollout_is_max)
     chosen = dispatch(logprobs, backend)
     check = should_check_values(logprobs)
-    valid = m if m is not None else torch.ones(logprobs.shape, dtype=torch.bool, device=logprobs.device)
+
+    def valid():  # only on the checking paths: no token-sized tensor otherwise
+        return m if m is not None else torch.ones(logprobs.shape, dtype=torch.bool, device=logprobs.device)
+
     if chosen == "torch":
         if check:
             for name, t in zip(names, tensors):
-                if bool((~torch.isfinite(t) & valid).any()):
+                if bool((~torch.isfinite(t) & valid()).any()):
                     raise ValueError(f"{name} contains NaN or inf at valid (mask=1) positions")
         return policy_loss_reference(logprobs, old_logprobs, advantages, m, sampling_logprobs=sampling_logprobs,
                                      cu_seqlens=cu_seqlens, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
@@ -688,7 +691,7 @@ def policy_loss(
     )
     loss_value, *stat_values, per_row, bad = out
     if check and bool(bad > 0):
-        _raise_non_finite(names, tensors, valid)
+        _raise_non_finite(names, tensors, valid())
     return loss_value, PolicyLossFamilyStats(*stat_values, per_row)
 
 

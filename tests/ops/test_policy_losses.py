@@ -602,6 +602,15 @@ def test_fused_creates_no_token_sized_tensor_but_the_gradient():
         loss.backward()
     big = [a for a in t.allocations if a.nbytes >= B * T]
     assert len(big) <= 1, big  # the gradient the caller asked for
+    keep, cu = _pack(mask, span=False)
+    x = lp[keep].clone().requires_grad_(True)
+    old_p, adv_p, samp_p = old[keep].contiguous(), adv[keep].contiguous(), samp[keep].contiguous()
+    with AllocationTracker() as t:
+        loss, _ = policy_loss(x, old_p, adv_p, None, cu_seqlens=cu, loss="cispo", ratio_level="sequence",
+                              sampling_logprobs=samp_p, rollout_is="token_truncate", backend="cpp")
+        loss.backward()
+    big = [a for a in t.allocations if a.nbytes >= x.numel()]
+    assert len(big) <= 1, big
 
 
 # --------------------------------------------------------------------------- registry + bad input
