@@ -103,6 +103,67 @@ PYBIND11_MODULE(_C, m) {
       py::arg("values"), py::arg("old_values"), py::arg("returns"), py::arg("mask"), py::arg("row_weight"),
       py::arg("grad_loss"), py::arg("grad"), py::arg("R"), py::arg("T"), py::arg("clip"));
 
+  // policy_losses.cpp (issue 17): the policy-loss family. samp / mask / cu pointers may be 0 (absent).
+  auto family_params = [](int loss, int seq, int is_level, int is_mask, float ratio_lo, float ratio_hi,
+                          float dual_clip, float delta, float lr_lo, float lr_hi, float tau_pos, float tau_neg,
+                          float is_lo, float is_hi) {
+    if (loss < 0 || loss > 2) throw std::invalid_argument("policy family: loss id not in 0..2");
+    if (seq < 0 || seq > 2) throw std::invalid_argument("policy family: ratio level id not in 0..2");
+    if (is_level < 0 || is_level > 2) throw std::invalid_argument("policy family: IS level id not in 0..2");
+    return rlhf_fast::PolicyFamilyParams{loss, seq, is_level, is_mask, ratio_lo, ratio_hi, dual_clip, delta,
+                                         lr_lo, lr_hi, tau_pos, tau_neg, is_lo, is_hi};
+  };
+  auto check_family = [](std::uintptr_t samp, int64_t R, int64_t T, int is_level) {
+    if (R < 0 || T < 0) throw std::invalid_argument("policy family: negative size");
+    if (is_level != 0 && samp == 0) throw std::invalid_argument("policy family: IS needs sampling log-probs");
+  };
+  m.def(
+      "policy_family_fwd_f32",
+      [family_params, check_family](std::uintptr_t logp, std::uintptr_t old, std::uintptr_t adv, std::uintptr_t samp,
+                                    std::uintptr_t mask, std::uintptr_t cu, std::uintptr_t partial, int64_t R,
+                                    int64_t T, int loss, int seq, int is_level, int is_mask, float ratio_lo,
+                                    float ratio_hi, float dual_clip, float delta, float lr_lo, float lr_hi,
+                                    float tau_pos, float tau_neg, float is_lo, float is_hi) {
+        check_family(samp, R, T, is_level);
+        const auto p = family_params(loss, seq, is_level, is_mask, ratio_lo, ratio_hi, dual_clip, delta, lr_lo,
+                                     lr_hi, tau_pos, tau_neg, is_lo, is_hi);
+        if (R == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::policy_family_fwd_f32(as_ptr<const float>(logp, "logp"), as_ptr<const float>(old, "old"),
+                                         as_ptr<const float>(adv, "adv"), reinterpret_cast<const float*>(samp),
+                                         reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<const int64_t*>(cu),
+                                         as_ptr<float>(partial, "partial"), R, T, p);
+      },
+      py::arg("logp"), py::arg("old"), py::arg("adv"), py::arg("samp"), py::arg("mask"), py::arg("cu"),
+      py::arg("partial"), py::arg("R"), py::arg("T"), py::arg("loss"), py::arg("seq"), py::arg("is_level"),
+      py::arg("is_mask"), py::arg("ratio_lo"), py::arg("ratio_hi"), py::arg("dual_clip"), py::arg("delta"),
+      py::arg("lr_lo"), py::arg("lr_hi"), py::arg("tau_pos"), py::arg("tau_neg"), py::arg("is_lo"),
+      py::arg("is_hi"));
+  m.def(
+      "policy_family_bwd_f32",
+      [family_params, check_family](std::uintptr_t logp, std::uintptr_t old, std::uintptr_t adv, std::uintptr_t samp,
+                                    std::uintptr_t mask, std::uintptr_t cu, std::uintptr_t row_values,
+                                    std::uintptr_t grad, int64_t R, int64_t T, int loss, int seq, int is_level,
+                                    int is_mask, float ratio_lo, float ratio_hi, float dual_clip, float delta,
+                                    float lr_lo, float lr_hi, float tau_pos, float tau_neg, float is_lo,
+                                    float is_hi) {
+        check_family(samp, R, T, is_level);
+        const auto p = family_params(loss, seq, is_level, is_mask, ratio_lo, ratio_hi, dual_clip, delta, lr_lo,
+                                     lr_hi, tau_pos, tau_neg, is_lo, is_hi);
+        if (R == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::policy_family_bwd_f32(as_ptr<const float>(logp, "logp"), as_ptr<const float>(old, "old"),
+                                         as_ptr<const float>(adv, "adv"), reinterpret_cast<const float*>(samp),
+                                         reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<const int64_t*>(cu),
+                                         as_ptr<const float>(row_values, "row_values"), as_ptr<float>(grad, "grad"),
+                                         R, T, p);
+      },
+      py::arg("logp"), py::arg("old"), py::arg("adv"), py::arg("samp"), py::arg("mask"), py::arg("cu"),
+      py::arg("row_values"), py::arg("grad"), py::arg("R"), py::arg("T"), py::arg("loss"), py::arg("seq"),
+      py::arg("is_level"), py::arg("is_mask"), py::arg("ratio_lo"), py::arg("ratio_hi"), py::arg("dual_clip"),
+      py::arg("delta"), py::arg("lr_lo"), py::arg("lr_hi"), py::arg("tau_pos"), py::arg("tau_neg"),
+      py::arg("is_lo"), py::arg("is_hi"));
+
   // logprobs.cpp (issue 3): fused LM-head log-prob row passes. Optional pointers are 0.
   m.def(
       "logprob_rows_fwd_f32",
@@ -157,7 +218,8 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t logp, std::uintptr_t ref, std::uintptr_t grad_out, std::uintptr_t grad_logp,
          std::uintptr_t grad_ref, int64_t n, int estimator, float clamp) {
         if (n < 0) throw std::invalid_argument("kl_penalty_backward_f32: negative size");
-        if (estimator < 0 || estimator > 3) throw std::invalid_argument("kl_penalty_backward_f32: bad estimator id");
+        // 4: the straight-through gradient (rl_scan.cpp kStraightThrough)
+        if (estimator < 0 || estimator > 4) throw std::invalid_argument("kl_penalty_backward_f32: bad estimator id");
         if (n == 0) return;
         py::gil_scoped_release release;
         // grad_logp / grad_ref: 0 means "not needed".

@@ -29,10 +29,30 @@ void value_loss_bwd_f32(const float* values, const float* old_values, const floa
                         const uint8_t* mask, const float* row_weight, const float* grad_loss, float* grad,
                         int64_t R, int64_t T, float clip);
 
+// policy_losses.cpp -- the policy-loss family (formulas: rlhf_fast/ops/policy_losses.py). Inputs float32,
+// contiguous; padded rows [R, T] (cu null) or packed segments of cu [R + 1] (int64) over [N]. samp (sampling
+// log-probs) null unless is_level != 0; mask null = every token valid. The forward writes partial[k * R + r]
+// for the module's 14 rows; the backward reads row_values [4, R] (scale, sequence log-ratio, sequence IS
+// log-ratio, sequence gradient coefficient) and writes grad over every token of the R sequences.
+struct PolicyFamilyParams {
+  int loss;      // 0 clip, 1 cispo, 2 sapo
+  int seq;       // 0 token ratio, 1 sequence ratio (gradient through the mean), 2 sequence-token
+  int is_level;  // 0 none, 1 token, 2 sequence
+  int is_mask;   // 0 truncate, 1 mask
+  float ratio_lo, ratio_hi, dual_clip, delta, lr_lo, lr_hi, tau_pos, tau_neg, is_lo, is_hi;
+};
+void policy_family_fwd_f32(const float* logp, const float* old, const float* adv, const float* samp,
+                           const uint8_t* mask, const int64_t* cu, float* partial, int64_t R, int64_t T,
+                           const PolicyFamilyParams& p);
+void policy_family_bwd_f32(const float* logp, const float* old, const float* adv, const float* samp,
+                           const uint8_t* mask, const int64_t* cu, const float* row_values, float* grad, int64_t R,
+                           int64_t T, const PolicyFamilyParams& p);
+
 // rl_scan.cpp -- RL element-wise ops and scans. All tensors float32 / uint8 (0/1 mask), contiguous
 // row-major [B, T] (or flat [n]). Functions returning int64_t return how many non-finite inputs
 // they met on positions that matter (valid positions only), so the caller's finite check is free.
-// estimator: 0 = k1, 1 = k2, 2 = k3, 3 = abs (rlhf_fast.ops.kl.KL_ESTIMATORS order).
+// estimator: 0 = k1, 1 = k2, 2 = k3, 3 = abs (rlhf_fast.ops.kl.KL_ESTIMATORS order); the backward also
+// takes 4 = straight-through (grad_logp = grad_out * r, no clamp: veRL's "+" estimators).
 int64_t kl_penalty_f32(const float* logp, const float* ref, float* out, int64_t n, int estimator, float clamp);
 // grad_logp / grad_ref may be null (that gradient is not needed).
 void kl_penalty_backward_f32(const float* logp, const float* ref, const float* grad_out, float* grad_logp,

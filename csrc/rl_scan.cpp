@@ -139,6 +139,9 @@ int64_t kl_forward(const float* logp, const float* ref, float* out, int64_t n, f
   return bad;
 }
 
+// Backward id of veRL's straight-through ("+") estimators: the gradient of k2 without its clamp.
+constexpr int kStraightThrough = 4;
+
 template <int EST, bool NEED_LOGP, bool NEED_REF>
 void kl_backward(const float* logp, const float* ref, const float* grad_out, float* grad_logp, float* grad_ref,
                  int64_t n, float clamp) {
@@ -147,10 +150,15 @@ void kl_backward(const float* logp, const float* ref, const float* grad_out, flo
     const int64_t c1 = c0 + kElemChunk < n ? c0 + kElemChunk : n;
     for (int64_t i = c0; i < c1; ++i) {
       const float r = logp[i] - ref[i];
-      const float est = kl_estimate<EST>(r);
-      // The output clamp passes the gradient only inside [-clamp, clamp] (torch.clamp's rule).
-      const float g_inside = grad_out[i] * kl_estimate_grad<EST>(r);
-      const float g = select_bits((est >= -clamp) & (est <= clamp), g_inside, 0.0f);
+      float g;
+      if constexpr (EST == kStraightThrough) {
+        g = grad_out[i] * r;  // the gradient of the unclamped r^2 / 2, whatever the forward value
+      } else {
+        const float est = kl_estimate<EST>(r);
+        // The output clamp passes the gradient only inside [-clamp, clamp] (torch.clamp's rule).
+        const float g_inside = grad_out[i] * kl_estimate_grad<EST>(r);
+        g = select_bits((est >= -clamp) & (est <= clamp), g_inside, 0.0f);
+      }
       if constexpr (NEED_LOGP) grad_logp[i] = g;
       if constexpr (NEED_REF) grad_ref[i] = -g;
     }
@@ -193,6 +201,8 @@ void kl_penalty_backward_f32(const float* logp, const float* ref, const float* g
       return kl_backward_dispatch<1>(logp, ref, grad_out, grad_logp, grad_ref, n, clamp);
     case 2:
       return kl_backward_dispatch<2>(logp, ref, grad_out, grad_logp, grad_ref, n, clamp);
+    case kStraightThrough:
+      return kl_backward_dispatch<kStraightThrough>(logp, ref, grad_out, grad_logp, grad_ref, n, clamp);
     default:
       return kl_backward_dispatch<3>(logp, ref, grad_out, grad_logp, grad_ref, n, clamp);
   }

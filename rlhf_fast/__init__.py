@@ -9,6 +9,7 @@ from rlhf_fast.ops import (
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
+    policy_loss,
     ppo_policy_loss,
     token_rewards,
     value_loss,
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "backend_info", "masked_mean"]
 __all__ += ["fused_linear_logprobs", "fused_linear_logprobs_reference", "logprobs_from_logits"]
-__all__ += ["ppo_policy_loss", "value_loss"]
+__all__ += ["policy_loss", "ppo_policy_loss", "value_loss"]
 __all__ += ["gae", "kl_penalty", "masked_whiten", "token_rewards"]
 __all__ += ["ModelOutput", "PolicyValueModel", "make_reward"]
 

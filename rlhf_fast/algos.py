@@ -24,9 +24,16 @@ Conventions per registry (what an entry must accept):
   advantages, mask, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, norm_length,
   backend) -> (loss, stats), stats with approx_kl, clipfrac, ratio_mean. "ppo" is the vanilla clipped
   loss; its dual clip is the dual_clip argument. The trainer looks it up by PPOConfig.policy_loss.
+  The family of rlhf_fast.ops.policy_losses takes the same arguments (all by keyword after the first
+  four; mask may be None for packed inputs) plus keyword options (delta, sampling_logprobs, rollout_is,
+  rollout_is_min, rollout_is_max, cu_seqlens, ratio_level, tau_pos, tau_neg) and returns
+  PolicyLossFamilyStats, a superset of those stats: "clip" (asymmetric, dual and TRL's delta clip),
+  "gspo" (TRL's sequence-level ratio), "gspo_token" (veRL's gspo), "cispo", "sapo".
 - KL estimators: (logprobs, ref_logprobs, clamp=10.0, backend=None) -> per-token fp32 estimate;
-  "k1", "k2", "k3", "abs" are rlhf_fast.ops.kl.kl_penalty with that estimator. The trainer looks them
-  up by PPOConfig.kl_estimator (and an estimator spec's kl_loss_estimator).
+  "k1", "k2", "k3", "abs" are rlhf_fast.ops.kl.kl_penalty with that estimator; "low_var_kl" is veRL's
+  name for k3 (same clamps), and "k1+", "k3+", "abs+", "low_var_kl+" are veRL's straight-through
+  estimators (that value, the gradient of k2). The trainer looks them up by PPOConfig.kl_estimator (and
+  an estimator spec's kl_loss_estimator).
 
 Built-in entries are registered as "module:attribute" paths and imported on first ``get_*``, so
 importing this module never depends on the import order of the ops.
@@ -178,6 +185,8 @@ register_advantage_estimator("rloo", "rlhf_fast.estimators:rloo_advantages", lev
                              min_generations=2)
 register_advantage_estimator("reinforce_pp", "rlhf_fast.estimators:reinforce_pp_advantages")
 POLICY_LOSSES.register("ppo", "rlhf_fast.ops.ppo_loss:ppo_policy_loss")
+for _name in ("clip", "gspo", "gspo_token", "cispo", "sapo"):
+    POLICY_LOSSES.register(_name, f"rlhf_fast.ops.policy_losses:{_name}_policy_loss")
 
 
 def _kl_estimator(estimator: str) -> Callable:
@@ -193,6 +202,6 @@ def _kl_estimator(estimator: str) -> Callable:
     return kl_estimate
 
 
-for _name in ("k1", "k2", "k3", "abs"):
+for _name in ("k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "abs+", "low_var_kl+"):
     KL_ESTIMATORS.register(_name, _kl_estimator(_name))
 del _name

@@ -52,7 +52,8 @@ def test_unknown_name_lists_valid_ones():
         algos.get_policy_loss("ppo2")
     with pytest.raises(ValueError, match=r"unknown advantage estimator 'grpo2'; valid names: .*gae"):
         algos.get_advantage_estimator("grpo2")
-    with pytest.raises(ValueError, match=r"unknown KL estimator 'k4'; valid names: abs, k1, k2, k3"):
+    with pytest.raises(ValueError, match=r"unknown KL estimator 'k4'; valid names: abs, abs\+, k1, k1\+, k2, k3, k3\+, "
+                                         r"low_var_kl, low_var_kl\+"):
         algos.get_kl_estimator("k4")
 
 
@@ -98,3 +99,15 @@ def test_policy_loss_registry_accepts_the_ppo_signature():
         assert got.item() == 2 * base.item() == -4.0  # ratio 1, A = 1: -1 per token, row sum -2
     finally:
         algos.POLICY_LOSSES._entries.pop("test-ppo-doubled", None)
+
+
+def test_grpo_family_and_verl_kl_names_are_registered():
+    assert {"clip", "gspo", "gspo_token", "cispo", "sapo"} <= set(algos.list_policy_losses())
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -0.5]])
+    r = torch.tensor([[0.5, -1.0, 0.0]])
+    torch.testing.assert_close(algos.get_kl_estimator("low_var_kl")(logp, ref).detach(), torch.exp(-r) - 1 + r)
+    est = algos.get_kl_estimator("k3+")(logp, ref)
+    torch.testing.assert_close(est.detach(), torch.exp(-r) - 1 + r)
+    est.sum().backward()
+    torch.testing.assert_close(logp.grad, r)  # the straight-through gradient: that of r²/2

@@ -19,6 +19,7 @@ from rlhf_fast.ops.logprobs import (
     logprobs_from_logits_reference,
 )
 from rlhf_fast.ops.masked_mean import masked_mean, masked_mean_reference
+from rlhf_fast.ops.policy_losses import PolicyLossFamilyStats, policy_loss, policy_loss_reference
 from rlhf_fast.ops.ppo_loss import (
     AGG_MODES,
     PolicyLossStats,
@@ -38,6 +39,7 @@ __all__ += [
 __all__ += [
     "AGG_MODES", "PolicyLossStats", "aggregate_loss", "ppo_policy_loss", "ppo_policy_loss_reference",
     "value_loss", "value_loss_reference",
+    "PolicyLossFamilyStats", "policy_loss", "policy_loss_reference",
 ]
 __all__ += [
     "KL_ESTIMATORS", "kl_penalty", "kl_penalty_reference", "token_rewards", "token_rewards_reference",

@@ -9,6 +9,13 @@ The log-ratio is clamped to ±20 before the exponential (k3), and every estimate
 is fp32 whatever the input dtype; differentiable in both inputs (gradients follow torch.clamp's
 rule: zero outside a clamp, passed at its boundary).
 
+veRL's names are accepted too: "kl" = k1, "mse" = k2, "low_var_kl" = k3 (veRL's low_var_kl is exactly
+our k3: log-ratio clamped to ±20, estimate to ±10 at the default clamp). A "+" suffix ("k1+", "k3+",
+"abs+", "low_var_kl+", ...) is veRL's straight-through estimator: the forward value of the named estimator
+(with its clamps) and the gradient of the unclamped k2, d/d logp = r, d/d ref = -r (veRL's
+``backward_score - backward_score.detach() + forward_score.detach()`` with backward_score = r²/2). "k2+"
+would be k2 itself and is refused.
+
 token_rewards(scores, kl, mask, kl_coef): -kl_coef·kl on every valid token, plus the sequence score
 on the last valid token of each row (the EOS token itself when present), never on padding; rows
 with no valid token get all zeros. Inputs are data (no gradient).
@@ -24,14 +31,27 @@ from rlhf_fast.ops._checks import check_finite, check_floating, check_mask, chec
 from rlhf_fast.ops._triton import KernelSpec, tl, triton
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}  # veRL's names
+ST_GRAD = len(KL_ESTIMATORS)  # backward id of the straight-through estimators: the gradient of unclamped k2
 LOG_RATIO_CLAMP = 20.0
 
 
+def parse_estimator(estimator: str) -> tuple[int, bool]:
+    """(id in KL_ESTIMATORS, straight-through?) for a name, an alias or a "+" name; ValueError otherwise."""
+    name = estimator if isinstance(estimator, str) else ""
+    straight = name.endswith("+")
+    base = KL_ALIASES.get(name[:-1] if straight else name, name[:-1] if straight else name)
+    if base not in KL_ESTIMATORS or (straight and base == "k2"):
+        raise ValueError(
+            f"estimator must be one of {list(KL_ESTIMATORS)}, got {estimator!r} (also accepted: veRL's "
+            f"{sorted(KL_ALIASES)} and the straight-through names with a '+' suffix, e.g. 'k3+', except 'k2+')"
+        )
+    return KL_ESTIMATORS.index(base), straight
+
+
 def estimator_id(estimator: str) -> int:
-    """Index of ``estimator`` in KL_ESTIMATORS (the id the kernels take); ValueError listing the valid names."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {list(KL_ESTIMATORS)}, got {estimator!r}")
-    return KL_ESTIMATORS.index(estimator)
+    """Index in KL_ESTIMATORS of the estimator whose value ``estimator`` computes (the forward id the kernels take)."""
+    return parse_estimator(estimator)[0]
 
 
 # --------------------------------------------------------------------------- torch reference
@@ -39,18 +59,22 @@ def kl_penalty_reference(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1", clamp: float = 10.0
 ) -> torch.Tensor:
     """Pure-torch reference. logprobs, ref_logprobs: same shape, any float dtype. Returns fp32."""
-    estimator_id(estimator)
+    est_id, straight = parse_estimator(estimator)
     r = logprobs.float() - ref_logprobs.float()
-    if estimator == "k1":
+    if est_id == 0:
         est = r
-    elif estimator == "k2":
+    elif est_id == 1:
         est = 0.5 * r * r
-    elif estimator == "k3":
+    elif est_id == 2:
         rc = r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         est = torch.expm1(-rc) + rc  # exp(-r) - 1 + r, keeping the digits of small ratios
     else:
         est = r.abs()
-    return est.clamp(-clamp, clamp)
+    est = est.clamp(-clamp, clamp)
+    if straight:  # veRL: value of the estimator, gradient of r²/2
+        k2 = 0.5 * r * r
+        est = k2 - k2.detach() + est.detach()
+    return est
 
 
 def token_rewards_reference(
@@ -98,7 +122,8 @@ def _kl_bwd_kernel(
     logp_ptr, ref_ptr, grad_out_ptr, grad_logp_ptr, grad_ref_ptr, N, clamp,
     EST: tl.constexpr, NEED_LOGP: tl.constexpr, NEED_REF: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """grad_logp = g·d est/d r (0 where a clamp is active), grad_ref = -grad_logp; stored in the inputs' dtypes."""
+    """grad_logp = g·d est/d r (0 where a clamp is active), grad_ref = -grad_logp; stored in the inputs' dtypes.
+    EST = 4 (ST_GRAD): the straight-through gradient g·r, no clamp."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     r = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32) - tl.load(
@@ -121,9 +146,12 @@ def _kl_bwd_kernel(
         d_series = rc * (1.0 - rc * (0.5 - rc * (1.0 / 6.0 - rc * (1.0 / 24.0 - rc * (1.0 / 120.0)))))
         d = tl.where(small, d_series, 1.0 - e)
         d = tl.where((r > 20.0) | (r < -20.0), 0.0, d)
-    else:
+    elif EST == 3:
         est = tl.abs(r)
         d = tl.where(r > 0, 1.0, tl.where(r < 0, -1.0, 0.0))
+    else:
+        est = tl.zeros_like(r)  # straight-through: the gradient of the unclamped k2
+        d = r
     grad = tl.where((est >= -clamp) & (est <= clamp), g * d, 0.0)
     if NEED_LOGP:
         tl.store(grad_logp_ptr + offs, grad.to(grad_logp_ptr.dtype.element_ty), mask=ok)
@@ -175,14 +203,15 @@ def aot_specs() -> list[KernelSpec]:
     n = 512 * 8192  # realistic: a rollout batch of 512 sequences x 8k tokens
     cfg = _elementwise_config(n)
     for dtype in ("fp32", "bf16"):
-        for est, name in enumerate(KL_ESTIMATORS):
-            specs.append(KernelSpec(
-                _kl_fwd_kernel,
-                signature={"logp_ptr": f"*{dtype}", "ref_ptr": f"*{dtype}", "out_ptr": "*fp32", "N": "i64",
-                           "clamp": "fp32", "EST": "constexpr", "BLOCK": "constexpr"},
-                constexprs={"EST": est, "BLOCK": cfg["BLOCK"]},
-                num_warps=cfg["num_warps"], label=f"{dtype} {name} N={n}",
-            ))
+        for est, name in enumerate((*KL_ESTIMATORS, "st")):
+            if est < ST_GRAD:
+                specs.append(KernelSpec(
+                    _kl_fwd_kernel,
+                    signature={"logp_ptr": f"*{dtype}", "ref_ptr": f"*{dtype}", "out_ptr": "*fp32", "N": "i64",
+                               "clamp": "fp32", "EST": "constexpr", "BLOCK": "constexpr"},
+                    constexprs={"EST": est, "BLOCK": cfg["BLOCK"]},
+                    num_warps=cfg["num_warps"], label=f"{dtype} {name} N={n}",
+                ))
             specs.append(KernelSpec(
                 _kl_bwd_kernel,
                 signature={"logp_ptr": f"*{dtype}", "ref_ptr": f"*{dtype}", "grad_out_ptr": "*fp32",
@@ -213,10 +242,10 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 class KLPenaltyFunction(torch.autograd.Function):
     """Forward: one fused element-wise pass. Backward: one fused pass recomputing r from the inputs
-    (nothing but the inputs is saved)."""
+    (nothing but the inputs is saved). est_bwd: est, or ST_GRAD for the straight-through estimators."""
 
     @staticmethod
-    def forward(ctx, logprobs, ref_logprobs, est, clamp, backend):
+    def forward(ctx, logprobs, ref_logprobs, est, clamp, backend, est_bwd=None):
         lp, rf = logprobs.contiguous(), ref_logprobs.contiguous()
         out = torch.empty(lp.shape, dtype=torch.float32, device=lp.device)
         n = lp.numel()
@@ -232,7 +261,8 @@ class KLPenaltyFunction(torch.autograd.Function):
                 if bad:
                     raise ValueError(f"logprobs - ref_logprobs contains NaN or inf at {bad} positions")
         ctx.save_for_backward(lp, rf)
-        ctx.est, ctx.clamp, ctx.backend = est, float(clamp), backend
+        ctx.est = est if est_bwd is None else est_bwd
+        ctx.clamp, ctx.backend = float(clamp), backend
         return out
 
     @staticmethod
@@ -262,7 +292,7 @@ class KLPenaltyFunction(torch.autograd.Function):
                 )
             grad_lp = grad_lp32.to(lp.dtype) if need_lp else None
             grad_rf = grad_rf32.to(rf.dtype) if need_rf else None
-        return grad_lp, grad_rf, None, None, None
+        return grad_lp, grad_rf, None, None, None, None
 
 
 def kl_penalty(
@@ -275,14 +305,15 @@ def kl_penalty(
     """Per-token KL estimate between the policy and the reference model.
 
     logprobs, ref_logprobs: same shape (typically [B, T]), float32/bf16/fp16. estimator: one of
-    KL_ESTIMATORS ("k1", "k2", "k3", "abs"). clamp: > 0, bound on |estimate|. Returns fp32 of the
+    KL_ESTIMATORS ("k1", "k2", "k3", "abs"), veRL's aliases ("kl", "mse", "low_var_kl") or a
+    straight-through "+" name (module docstring). clamp: > 0, bound on |estimate|. Returns fp32 of the
     input shape, differentiable in both inputs. Padding positions are not special: mask the result.
     backend: None (automatic) or "triton" | "cpp" | "torch".
     """
     check_floating("logprobs", logprobs)
     check_floating("ref_logprobs", ref_logprobs)
     check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs)
-    est = estimator_id(estimator)
+    est, straight = parse_estimator(estimator)
     check_positive("clamp", clamp)
     chosen = dispatch(logprobs, backend)
     if chosen != "cpp":  # the C++ kernel counts non-finite log-ratios itself, for free
@@ -290,7 +321,7 @@ def kl_penalty(
         check_finite("ref_logprobs", ref_logprobs)
     if chosen == "torch":
         return kl_penalty_reference(logprobs, ref_logprobs, estimator, clamp)
-    return KLPenaltyFunction.apply(logprobs, ref_logprobs, est, float(clamp), chosen)
+    return KLPenaltyFunction.apply(logprobs, ref_logprobs, est, float(clamp), chosen, ST_GRAD if straight else None)
 
 
 def token_rewards(

@@ -233,3 +233,87 @@ def test_bad_input_names_the_argument():
         # a non-finite value on padding is ignored, like the reference ignores it
         out = token_rewards(scores, bad, torch.tensor([[1, 0, 0], [1, 1, 1]]), 0.1, backend=backend)
         assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- veRL's names and straight-through estimators
+VERL_NAMES = ("low_var_kl", "k1+", "k3+", "abs+", "low_var_kl+")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_verl_aliases_are_our_estimators(backend):
+    for alias, base in (("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3")):
+        torch.testing.assert_close(kl_penalty(LOGP, REF, alias, backend=backend),
+                                   kl_penalty(LOGP, REF, base, backend=backend), atol=0, rtol=0)
+    torch.testing.assert_close(kl_penalty(LOGP, REF, "low_var_kl", backend=backend), torch.tensor(HAND["k3"]),
+                               atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name,base", [("k1+", "k1"), ("k3+", "k3"), ("low_var_kl+", "k3"), ("abs+", "abs")])
+def test_straight_through_hand_worked(backend, name, base):
+    # value: the base estimator with its clamps (HAND); gradient: that of r²/2 without any clamp, i.e.
+    # d/d logp = r = [0, 1, -2, ln 2, 30, -30] (even where the value is clamped at ±10), d/d ref = -r.
+    lp, rf = LOGP.clone().requires_grad_(True), REF.clone().requires_grad_(True)
+    got = kl_penalty(lp, rf, name, backend=backend)
+    torch.testing.assert_close(got.detach(), torch.tensor(HAND[base]), atol=1e-6, rtol=1e-6)
+    got.backward(torch.full((6,), 2.0))
+    torch.testing.assert_close(lp.grad, 2.0 * LOGP, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rf.grad, -2.0 * LOGP, atol=1e-6, rtol=1e-6)
+
+
+def _verl_kl(logprob, ref_logprob, name):
+    """veRL core_algos.kl_penalty (forward value, then the '+' straight-through), restated."""
+    base = name.rstrip("+")
+    if base == "k1":
+        forward = logprob - ref_logprob
+    elif base == "abs":
+        forward = (logprob - ref_logprob).abs()
+    else:  # low_var_kl / k3
+        kl = torch.clamp(ref_logprob - logprob, min=-20, max=20)
+        forward = torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+    if not name.endswith("+"):
+        return forward
+    backward = 0.5 * (logprob - ref_logprob).square()
+    return backward - backward.detach() + forward.detach()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", VERL_NAMES)
+def test_matches_verl_formula(backend, name):
+    g = torch.Generator().manual_seed(4)
+    lp = (torch.randn(4, 33, generator=g) * 2).requires_grad_(True)  # |r| up to ~10: some k3 values clamp
+    rf = (torch.randn(4, 33, generator=g) * 2).requires_grad_(True)
+    a, b = lp.detach().clone().requires_grad_(True), rf.detach().clone().requires_grad_(True)
+    up = torch.randn(4, 33, generator=g)
+    want = _verl_kl(lp, rf, name)
+    # k1 and abs: veRL does not clamp the value; ours does at ±clamp: a large clamp compares the formulas
+    got = kl_penalty(a, b, name, clamp=1e6 if name[:2] in ("k1", "ab") else 10.0, backend=backend)
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    (want * up).sum().backward()
+    (got * up).sum().backward()
+    torch.testing.assert_close(a.grad, lp.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.grad, rf.grad, atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", VERL_NAMES)
+def test_cpp_verl_names_match_reference(dtype, name):
+    _check_kl("cpp", (5, 37), dtype, name, 10.0)
+    _check_kl("cpp", (3, 700), dtype, name, 0.5)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", VERL_NAMES)
+def test_triton_verl_names_match_reference(name):
+    _check_kl("triton", (5, 37), torch.float32, name, 0.5)
+    _check_kl("triton", (3, 70), torch.bfloat16, name, 10.0)
+    if name == "k3+":
+        test_straight_through_hand_worked("triton", "k3+", "k3")
+
+
+def test_straight_through_names_refused_where_meaningless():
+    with pytest.raises(ValueError, match=r"estimator must be one of .*got 'k2\+'"):
+        kl_penalty(LOGP, REF, "k2+")
+    with pytest.raises(ValueError, match=r"got 'k3\+\+'"):
+        kl_penalty(LOGP, REF, "k3++")

@@ -113,3 +113,43 @@ def test_the_kl_estimator_is_looked_up_by_name(tmp_path, custom_algorithms):
         assert h["objective/non_score_reward"] == pytest.approx(-0.1 * h["objective/kl"], abs=1e-6)
     finally:
         algos.KL_ESTIMATORS._entries.pop("test-2k1", None)
+
+
+
+def test_the_grpo_family_losses_train_through_the_ppo_trainer(tmp_path):
+    """ops/policy_losses' registered entries follow the trainer's calling convention. On-policy (one epoch,
+    one mini-batch: ratio 1) with one advantage per sequence, clip, GSPO, GSPO-token, CISPO and SAPO all
+    have the gradient -A per token (times the aggregation weight): the gradient the trainer's loss sends
+    to the log-probs must be the one "ppo" sends."""
+
+    def distinct_words(prompts, completions):  # varies within a group: non-zero GRPO advantages
+        return [float(len(set(c.split()))) for c in completions]
+
+    def logprob_grads(name):
+        grads, loss_fn = [], algos.get_policy_loss(name)
+
+        def recording(logprobs, *args, **kw):
+            logprobs.register_hook(lambda g: grads.append(g.detach().clone()))
+            return loss_fn(logprobs, *args, **kw)
+
+        algos.register_policy_loss("test-recording", overwrite=True)(recording)
+        try:
+            cfg = dict(output_dir=str(tmp_path / name), use_cpu=True, bf16=False, per_device_train_batch_size=4,
+                       gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1, total_episodes=8,
+                       response_length=5, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                       report_to="none", num_sample_generations=0, kl_coef=0.0, temperature=1.0, disable_tqdm=True,
+                       gradient_checkpointing=False, seed=3, advantage_estimator="grpo", num_generations=2,
+                       policy_loss="test-recording", max_grad_norm=0.0)
+            PPOTrainer(PPOConfig(**cfg), make_tokenizer(V), tiny_policy(V), None, distinct_words,
+                       prompt_rows(16, V)).train()
+        finally:
+            algos.POLICY_LOSSES._entries.pop("test-recording", None)
+        return grads
+
+    want = logprob_grads("ppo")
+    assert want and any(g.abs().max() > 0 for g in want)
+    for name in ("clip", "gspo", "gspo_token", "cispo", "sapo"):
+        got = logprob_grads(name)
+        assert len(got) == len(want), name
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-5, msg=name)
