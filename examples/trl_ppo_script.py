@@ -20,14 +20,18 @@ from transformers import (
     AutoTokenizer,
     HfArgumentParser,
 )
-
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # the one line a migration changes
 
 
 def build_tiny(model_dir: str, vocab_size: int = 1000) -> None:
     """Tiny Qwen2 policy + reward model + word-level tokenizer saved under model_dir/{sft,rm}."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2ForSequenceClassification,
+    )
 
     vocab = {f"t{i}": i for i in range(vocab_size)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
@@ -82,7 +86,12 @@ def main(argv=None):
         eval_dataset=eval_dataset,
     )
     trainer.train()
+
+    # Save and push to hub (TRL's example does exactly this)
     trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name="tiny-random-prompts")
+
     trainer.generate_completions()
     return trainer
 

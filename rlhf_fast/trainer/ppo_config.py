@@ -51,7 +51,7 @@ class PPOConfig(TrainingArguments):
     num_sample_generations, response_length, stop_token ("eos" | None), stop_token_id, temperature,
     missing_eos_penalty, sft_model_path, reward_model_path, num_ppo_epochs, whiten_rewards, kl_coef,
     kl_estimator, cliprange, vf_coef, cliprange_value, gamma, lam. Overridden TrainingArguments
-    defaults as in TRL: logging_steps=10, bf16=None (-> not fp16); gradient_checkpointing=None decides from
+    defaults as in TRL: learning_rate=3e-6, logging_steps=10, bf16=None (-> not fp16); gradient_checkpointing=None decides from
     memory (TRL defaults it to True but its PPO loop never enables it).
 
     Critic-free estimators (``advantage_estimator`` = "grpo" | "rloo" | "reinforce_pp"), TRL-GRPO style:
@@ -71,6 +71,7 @@ class PPOConfig(TrainingArguments):
     """
 
     # ---- TrainingArguments defaults TRL overrides
+    learning_rate: float = field(default=3e-6, metadata={"help": "The initial learning rate for AdamW (TRL: 3e-6)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X PPO steps (or a ratio < 1)."})
     gradient_checkpointing: bool | None = field(
         default=None,

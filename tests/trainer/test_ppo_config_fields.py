@@ -360,6 +360,7 @@ def test_dataclass_defaults_match_trl():
             c.cliprange, c.vf_coef, c.cliprange_value, c.gamma, c.lam, c.whiten_rewards, c.logging_steps,
             c.local_rollout_forward_batch_size, c.num_sample_generations, c.gradient_checkpointing, c.bf16) == (
         1, 4, 53, 0.7, 0.05, "k1", 0.2, 0.1, 0.2, 1.0, 0.95, False, 10, 64, 10, None, True)
+    assert c.learning_rate == 3e-6  # TRL's PPOConfig default (TrainingArguments' is 5e-5)
     # gradient_checkpointing: TRL 1.12 defaults to True but its PPO loop never enables it; None decides from
     # the memory predictor (documented in docs/migrating_from_trl.md). The rest are TRL's values.
 

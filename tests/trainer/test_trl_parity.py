@@ -11,6 +11,7 @@ import functools
 import pytest
 
 from tests.trainer.trl_parity import (
+    NOISE_ONLY,
     WEIGHT_RTOL,
     Case,
     metric_mismatches,
@@ -119,3 +120,70 @@ def test_each_improvement_switched_on_moves_results_beyond_the_tolerance(field, 
     else:
         assert any(m.startswith(("step 1", "step 2", "step 3")) and f" {moves} " in m
                    for m in metric_mismatches(trl, ours, 3)), field
+
+
+# ----------------------------------------------------------------------------- the TRL example script
+def _load_script(path, name):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_trl_example_script_trains_the_same_with_its_defaults(tmp_path):
+    """examples/trl_ppo_script.py as TRL 1.12 runs it, and migrated by its import line, at TRL's defaults
+    (4 PPO epochs, batch 8, no stop token, kl 0.05, ...): same metrics for 3 steps and the same policy.
+    Only sizes are set (tiny models, 3 steps) and bf16 is off: a 2-core CPU has no bf16 parity to offer
+    between two different sets of kernels."""
+    from tests.trainer.test_trl_dropin import SCRIPT, migrated_source
+    from tests.trainer.trl_parity import Result, ours_injected, trl_injected
+
+    argv = ["--model_dir", str(tmp_path / "models"), "--vocab_size", "64", "--num_prompts", "32", "--use_cpu",
+            "--total_episodes", "24", "--response_length", "6", "--report_to", "none", "--save_strategy", "no",
+            "--num_sample_generations", "0", "--bf16", "False", "--disable_tqdm", "True", "--logging_steps", "1"]
+    trl_mod = _load_script(SCRIPT, "trl_ppo_script_trl")
+    with trl_injected(False, PERMS, Result([], [])) as trl:
+        trl_trainer = trl_mod.main(argv + ["--output_dir", str(tmp_path / "trl"), "--gradient_checkpointing", "False"])
+    ours_path = tmp_path / "ppo_script_rlhf_fast.py"
+    ours_path.write_text(migrated_source())
+    ours_mod = _load_script(ours_path, "trl_ppo_script_ours")
+    with ours_injected(False, PERMS, trl.queries, Result([], [])) as ours:
+        ours_trainer = ours_mod.main(argv + ["--output_dir", str(tmp_path / "ours")])
+    assert type(ours_trainer).__module__ == "rlhf_fast.trainer.ppo"
+    assert len(trl.history) == len(ours.history) == 3
+    assert not metric_mismatches(trl, ours, 3)
+    for step in (1, 2, 3):
+        assert weight_gap(trl, ours, step) < WEIGHT_RTOL, step
+    final_trl = trl_trainer.model.policy.state_dict()
+    final_ours = ours_trainer.model.policy.state_dict()
+    assert max(float((final_trl[k] - final_ours[k]).abs().max() / final_trl[k].abs().max()) for k in final_trl
+               if not k.endswith(NOISE_ONLY)) < WEIGHT_RTOL
+    # the key biases only ever moved by Adam's +-lr steps on rounding noise: 3 steps x 4 epochs x lr at most
+    lr = trl_trainer.args.learning_rate
+    assert all(float(final_ours[k].abs().max()) <= 12 * lr * 1.01 for k in final_ours if k.endswith(NOISE_ONLY))
+
+
+def test_the_example_scripts_push_to_hub_branch(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from tests.trainer.test_field_walk import FakeHub
+    from tests.trainer.test_trl_dropin import migrated_source
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    FakeHub.calls = []
+    path = tmp_path / "ppo_script_rlhf_fast.py"
+    path.write_text(migrated_source())
+    mod = _load_script(path, "trl_ppo_script_push")
+    mod.main(["--model_dir", str(tmp_path / "models"), "--vocab_size", "64", "--num_prompts", "24", "--use_cpu",
+              "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", "--total_episodes", "4",
+              "--response_length", "4", "--num_ppo_epochs", "1", "--report_to", "none", "--save_strategy", "no",
+              "--num_sample_generations", "0", "--bf16", "False", "--disable_tqdm", "True", "--push_to_hub",
+              "--hub_model_id", "me/ppo-tiny"])
+    # save_model pushes ("Model save", as transformers does), then the script's own push_to_hub call
+    assert [c[0] for c in FakeHub.calls] == ["create_repo", "upload_folder", "create_repo", "upload_folder"]
+    assert [c[3] for c in FakeHub.calls if c[0] == "upload_folder"] == ["Model save", "End of training"]
+    assert "dataset_name: tiny-random-prompts" in (tmp_path / "out" / "README.md").read_text()
