@@ -100,13 +100,31 @@ def register_stage_command(name: str, config_cls, section: str, run, help: str, 
         from rlhf_fast.stages.config import config_to_dict, load_stage_config
 
         cls = _resolve(config_cls)
-        cfg = load_stage_config(cls, args.config, section if args.config else None, args.overrides)
+        cfg = load_stage_config(cls, args.config, section if args.config else None, args.overrides,
+                                **_cpu_defaults(name, cls))
         if args.print_config:
             print(yaml.safe_dump({section: config_to_dict(cfg)}, sort_keys=False), end="")
             return 0
         return _resolve(run)(cfg)
 
     register_command(name, help, configure, run_stage, replace=replace, add_help=False)
+
+
+def _cpu_defaults(command: str, cls) -> dict:
+    """On a machine without CUDA, defaults for a TrainingArguments-style config that can run there
+    (use_cpu=True, bf16=False; YAML and key=value still override them), said in one line."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    if not {"use_cpu", "bf16"} <= names:
+        return {}
+    import torch
+
+    if torch.cuda.is_available():
+        return {}
+    print(f"rlhf-fast {command}: no CUDA device: defaulting to use_cpu=true bf16=false (set them to override)",
+          file=sys.stderr)
+    return {"use_cpu": True, "bf16": False}
 
 
 def build_parser() -> argparse.ArgumentParser:

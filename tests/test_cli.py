@@ -135,3 +135,30 @@ def test_output_dir_that_is_not_a_stage_is_refused_before_training(tmp_path, cap
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "refusing to replace it" in err
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("key, what", [("model_name_or_path", "model"), ("tokenizer_name_or_path", "tokenizer")])
+def test_missing_model_or_tokenizer_path_is_one_line(tmp_path, capsys, key, what):
+    from tests.trainer.tiny import make_tokenizer, tiny_policy
+
+    tiny_policy(32).save_pretrained(tmp_path / "model")  # a real local model directory, with no tokenizer
+    make_tokenizer(32).save_pretrained(tmp_path / "model")
+    argv = ["sft", f"output_dir={tmp_path / 'out'}", f"model_name_or_path={tmp_path / 'model'}",
+            f"{key}={tmp_path / 'nonexistent'}"]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "it/s]" not in line]  # progress bars
+    assert err == [f"rlhf-fast sft: error: {what} path '{tmp_path / 'nonexistent'}' does not exist (no such directory)"]
+
+
+def test_ppo_on_a_machine_without_cuda_defaults_to_cpu(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["ppo", "--print-config"]) == 0
+    out = capsys.readouterr()
+    printed = yaml.safe_load(out.out)["ppo"]
+    assert printed["use_cpu"] is True and printed["bf16"] is False
+    assert "no CUDA device: defaulting to use_cpu=true bf16=false" in out.err
+    assert cli.main(["ppo", "--print-config", "bf16=false", "use_cpu=false"]) == 0  # explicit values win
+    assert yaml.safe_load(capsys.readouterr().out)["ppo"]["use_cpu"] is False

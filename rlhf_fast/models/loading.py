@@ -73,11 +73,30 @@ def load_causal_lm(
         raise ValueError(f"model directory {os.fspath(model_or_path)!r} does not exist")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        os.fspath(model_or_path), dtype=dtype, attn_implementation=attn, **from_pretrained_kwargs
-    )
+    model = from_pretrained_or_explain(AutoModelForCausalLM.from_pretrained, os.fspath(model_or_path), "model",
+                                       dtype=dtype, attn_implementation=attn, **from_pretrained_kwargs)
     check_causal_lm(model)
     return model
+
+
+def looks_like_path(name: str) -> bool:
+    """A name meant as a filesystem path (absolute, ./, ../, ~), not a hub id like "Qwen/Qwen2.5-0.5B"."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name
+
+
+def from_pretrained_or_explain(load, name: str, what: str, **kwargs):
+    """``load(name, **kwargs)`` (a ``from_pretrained``), with one clear FileNotFoundError naming ``name`` when it is
+    a missing local path, or neither a local directory nor something the hub can serve (offline, or no such
+    repo), instead of the hub client's traceback."""
+    if looks_like_path(name) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"{what} path {name!r} does not exist (no such directory)")
+    try:
+        return load(name, **kwargs)
+    except OSError as e:
+        if Path(name).expanduser().is_dir():
+            raise
+        raise FileNotFoundError(f"{what} {name!r} is not a local directory and could not be loaded from the "
+                                f"Hugging Face hub ({str(e).splitlines()[0]})") from e
 
 
 def check_causal_lm(model: nn.Module) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from rlhf_fast.models.loading import backbone_hidden, ensure_pad_token
+from rlhf_fast.models.loading import backbone_hidden, ensure_pad_token, from_pretrained_or_explain
 from rlhf_fast.ops import fused_linear_logprobs
 from rlhf_fast.stages.config import ConfigError, config_to_dict
 from rlhf_fast.stages.data import Rows, length_grouped_batches, load_preference_rows, split_rows
@@ -294,7 +294,7 @@ def with_stage_tokenizer(cfg, model, tokenizer):
         source = cfg.tokenizer_name_or_path or (cfg.model_name_or_path if cfg.model_name_or_path != DEMO else None)
         if source is None:
             raise ValueError("a model passed in memory needs tokenizer= (or tokenizer_name_or_path in the config)")
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, source, "tokenizer")
     ensure_pad_token(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

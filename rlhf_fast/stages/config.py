@@ -317,6 +317,8 @@ def config_to_dict(config) -> dict:
             v = str(v)
         elif isinstance(v, tuple):
             v = list(v)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):  # e.g. TrainingArguments' AcceleratorConfig
+            v = {k: (x.value if isinstance(x, enum.Enum) else x) for k, x in dataclasses.asdict(v).items()}
         out[name] = v
     return out
 

@@ -236,7 +236,11 @@ def load_reward_model(model_name_or_path: str, tokenizer=None, allow_unmarked_mo
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from rlhf_fast.models.loading import ensure_pad_token, resolve_attn_implementation
+    from rlhf_fast.models.loading import (
+        ensure_pad_token,
+        from_pretrained_or_explain,
+        resolve_attn_implementation,
+    )
 
     def load():
         verbosity = hf_logging.get_verbosity()
@@ -253,7 +257,8 @@ def load_reward_model(model_name_or_path: str, tokenizer=None, allow_unmarked_mo
 
     model = load_from_stage(model_name_or_path, "rm model_name_or_path", allow_unmarked_model_dir, load)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
+        tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained,
+                                               tokenizer_name_or_path or model_name_or_path, "tokenizer")
     ensure_pad_token(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
