@@ -478,3 +478,36 @@ def test_derived_fields_are_written_by_the_trainer(tmp_path):
     a = tr.args
     assert (a.world_size, a.local_batch_size, a.micro_batch_size, a.batch_size, a.mini_batch_size,
             a.local_mini_batch_size, a.num_total_batches) == (1, 8, 4, 8, 4, 4, 2)
+
+
+# ----------------------------------------------------------------------------- the Trainer surface scripts touch
+def test_trainer_attributes_a_script_may_touch(tmp_path, capsys):
+    from transformers import TrainerCallback
+
+    tr = make(tmp_path, total_episodes=16)
+    assert tr.processing_class is tr.tokenizer and tr.policy_model is tr.model.policy
+    acc = tr.accelerator
+    assert (acc.is_main_process, acc.is_local_main_process, acc.process_index, acc.num_processes) == (True, True, 0, 1)
+    assert acc.unwrap_model(tr.ddp_model) is tr.model and acc.device == tr.device
+    assert acc.gather_for_metrics(torch.tensor(2.0)).tolist() == [2.0]
+    assert float(acc.reduce(torch.tensor(3.0), "mean")) == 3.0
+    acc.wait_for_everyone()
+    acc.print("hello from the stand-in")
+    assert "hello from the stand-in" in capsys.readouterr().out
+    assert tr.is_world_process_zero() and tr.is_local_process_zero()
+
+    steps = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            steps.append(state.global_step)
+
+    tr.add_callback(Count)  # a class, as transformers accepts
+    popped = tr.pop_callback(Count)
+    assert isinstance(popped, Count)
+    cb = Count()
+    tr.add_callback(cb)
+    tr.train()
+    assert steps == [1, 2]
+    tr.remove_callback(cb)
+    assert not any(isinstance(c, Count) for c in tr.callback_handler.callbacks)
