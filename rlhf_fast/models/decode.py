@@ -36,7 +36,9 @@ from rlhf_fast.models.loading import position_ids_from_mask
 # Rope types whose frequencies depend on the positions seen (transformers' dynamic_rope_update):
 # cos/sin must come from a per-step call with the actual positions, as in the HF forward.
 _POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
-_ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# rlhf_fast_packed_sdpa (rlhf_fast.models.packing) is SDPA for every unpacked call, a decode step included.
+_ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "rlhf_fast_packed_sdpa", "flash_attention_2", "flash_attention_3",
+                         "flex_attention")
 
 
 @functools.lru_cache(maxsize=1)

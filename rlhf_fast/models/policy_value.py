@@ -47,6 +47,7 @@ from rlhf_fast.models.loading import (
     load_causal_lm,
     position_ids_from_mask,
 )
+from rlhf_fast.models.packing import enable_packing, packed_hidden, packing_unsupported_reason
 from rlhf_fast.models.reference import FrozenReference
 from rlhf_fast.models.reward import classifier_backbone, score_head
 from rlhf_fast.ops import fused_linear_logprobs
@@ -245,6 +246,7 @@ class PolicyValueModel(nn.Module):
             if model_adapter_name is not None:
                 model.set_adapter(model_adapter_name)
         self.model_adapter_name, self.ref_adapter_name = model_adapter_name, ref_adapter_name
+        self.padding_free = False  # enable_padding_free() switches the forwards to packed rows
         base = model if peft_given else load_causal_lm(model, dtype=dtype, attn_implementation=attn_implementation)
         if disable_dropout:
             _disable_dropout(base)
@@ -341,14 +343,42 @@ class PolicyValueModel(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    def enable_padding_free(self) -> list[str]:
+        """Run every backbone forward (policy, separate critic, frozen reference) on packed rows of the valid
+        tokens (``rlhf_fast.models.packing``); outputs keep their [B, T] shapes. Returns one note per model that
+        keeps padded forwards (its attention implementation cannot pack)."""
+        notes = []
+        models = {"policy": self.backbone, "critic": self.critic_backbone,
+                  "reference": None if self.reference is None else self.reference.model}
+        for name, m in models.items():
+            if m is not None and (why := enable_packing(m)) is not None:
+                notes.append(f"{name}: padded forwards ({why})")
+        self.padding_free = True
+        return notes
+
+    def _hidden(self, backbone, input_ids, attention_mask) -> torch.Tensor:
+        """last hidden states [B, T, H]: from a packed row of the valid tokens when padding-free (zeros at
+        padding), else from the padded batch."""
+        if self.padding_free and packing_unsupported_reason(backbone) is None:
+            return packed_hidden(backbone, input_ids, attention_mask)
+        return backbone_hidden(backbone, input_ids, attention_mask, position_ids_from_mask(attention_mask))
+
     def _token_logprobs(self, backbone, lm_head, input_ids, attention_mask, response_start, response_mask,
                         return_entropy, temperature):
-        hidden = backbone_hidden(backbone, input_ids, attention_mask, position_ids_from_mask(attention_mask))
+        hidden = self._hidden(backbone, input_ids, attention_mask)
         h, labels, pad_front = _predictor_slices(hidden, input_ids, attention_mask, response_start, response_mask)
-        lp, ent = fused_linear_logprobs(
-            h, lm_head.weight, labels, bias=lm_head.bias, temperature=temperature,
-            ignore_index=IGNORE_INDEX, return_entropy=return_entropy,
-        )
+        if self.padding_free:  # the LM head on the scored tokens only, scattered back to [B, N]
+            scored = labels != IGNORE_INDEX
+            out = fused_linear_logprobs(h[scored], lm_head.weight, labels[scored], bias=lm_head.bias,
+                                        temperature=temperature, ignore_index=IGNORE_INDEX,
+                                        return_entropy=return_entropy)
+            lp = h.new_zeros(labels.shape, dtype=out[0].dtype).masked_scatter(scored, out[0])
+            ent = None if out[1] is None else h.new_zeros(labels.shape, dtype=out[1].dtype).masked_scatter(scored, out[1])
+        else:
+            lp, ent = fused_linear_logprobs(
+                h, lm_head.weight, labels, bias=lm_head.bias, temperature=temperature,
+                ignore_index=IGNORE_INDEX, return_entropy=return_entropy,
+            )
         return hidden, h, _front_pad(lp, pad_front), _front_pad(ent, pad_front), pad_front
 
     def forward(
@@ -378,7 +408,7 @@ class PolicyValueModel(nn.Module):
             if self.critic_backbone is None:
                 values = self.value_head(_ScaleGrad.apply(h, self.vf_coef).float()).squeeze(-1)
             else:
-                ch = backbone_hidden(self.critic_backbone, input_ids, attention_mask, position_ids_from_mask(attention_mask))
+                ch = self._hidden(self.critic_backbone, input_ids, attention_mask)
                 ch, _, _ = _predictor_slices(ch, input_ids, attention_mask, response_start, response_mask)
                 values = self.value_head(ch.float()).squeeze(-1)
             values = _front_pad(values, pad_front)

@@ -168,6 +168,11 @@ class PPOConfig(TrainingArguments):
         default=None, metadata={"help": "Clamp each per-token KL estimate to [-c, c] (the ops' default 10); None "
                                          "clamps nothing, as TRL."},
     )
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "Run every training and scoring forward on packed rows of the valid tokens (attention per "
+                          "sequence); False runs padded batches. Same numbers up to float rounding."},
+    )
     clip_grad_norm: bool = field(
         default=False, metadata={"help": "Clip the gradient norm at max_grad_norm before each optimizer step. TRL 1.12's "
                                          "PPO loop never clips, whatever max_grad_norm says."},

@@ -98,6 +98,9 @@ def build_policy_value(args, model, ref_model, value_model, peft_config, tokeniz
         from rlhf_fast.models import FrozenReference, load_causal_lm
 
         pv.reference = FrozenReference(load_causal_lm(ref_model), ref_dtype, args.reference_offload)
+    if args.padding_free:
+        for line in pv.enable_padding_free():
+            note(f"padding_free: {line}")
     return ModelLayout(pv, reference, critic)
 
 

@@ -27,7 +27,7 @@ from rlhf_fast.trainer.ppo_config import (
     SCRIPT_TRL_FIELDS,
     UNUSED_TRL_FIELDS,
 )
-from tests.trainer.test_ppo_config_fields import make
+from tests.trainer.test_ppo_config_fields import count_calls, make
 from tests.trainer.test_ppo_trainer import V, config
 from tests.trainer.tiny import count_token_reward, make_tokenizer, prompt_rows, tiny_policy
 
@@ -241,6 +241,18 @@ def test_layout_fields(tmp_path):
     assert not make(tmp_path).model.reference.auto_offload
 
 
+def test_padding_free(tmp_path, monkeypatch):
+    import rlhf_fast.models.policy_value as pv
+
+    calls = count_calls(monkeypatch, pv, "packed_hidden")
+    packed = _trained(tmp_path, padding_free=True, stop_token="eos")
+    assert calls and packed.model.padding_free
+    calls.clear()
+    padded = _trained(tmp_path, padding_free=False, stop_token="eos")
+    assert not calls and not padded.model.padding_free
+    torch.testing.assert_close(_weights(packed), _weights(padded), rtol=1e-5, atol=1e-6)  # same numbers
+
+
 # ----------------------------------------------------------------------------- honoured PPOConfig fields
 def test_adapter_names_select_the_trained_and_the_reference_adapter(tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -362,6 +374,7 @@ HONOURED_BY_TEST = {
     "whiten_advantages": "test_field_walk:test_loss_fields_change_the_update",
     "reward_clip": "test_field_walk:test_loss_fields_change_the_update",
     "reward_norm": "test_field_walk:test_loss_fields_change_the_update",
+    "padding_free": "test_field_walk:test_padding_free",
     "position_rules": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",
     "padding_aware_metrics": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",
     "kl_clamp": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",

@@ -158,11 +158,8 @@ def test_the_trl_example_script_trains_the_same_with_its_defaults(tmp_path):
     assert not metric_mismatches(trl, ours, 3)
     for step in (1, 2, 3):
         assert weight_gap(trl, ours, step) < WEIGHT_RTOL, step
-    final_trl = trl_trainer.model.policy.state_dict()
-    final_ours = ours_trainer.model.policy.state_dict()
-    assert max(float((final_trl[k] - final_ours[k]).abs().max() / final_trl[k].abs().max()) for k in final_trl
-               if not k.endswith(NOISE_ONLY)) < WEIGHT_RTOL
     # the key biases only ever moved by Adam's +-lr steps on rounding noise: 3 steps x 4 epochs x lr at most
+    final_ours = ours_trainer.model.policy.state_dict()
     lr = trl_trainer.args.learning_rate
     assert all(float(final_ours[k].abs().max()) <= 12 * lr * 1.01 for k in final_ours if k.endswith(NOISE_ONLY))
 
