@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -119,10 +120,13 @@ class _RecomputeProduct:
     anyway. Active only when grad is on and no other saved-tensor hooks are, except hooks that keep every
     tensor as it is (``keeps_tensors``, e.g. ``rlhf_fast.memory.SavedTensorCounter``), which it chains to.
     Beneath any other hook (checkpointing, offloading) it does nothing: holding gate and up there
-    would defeat what that hook saves."""
+    would defeat what that hook saves.
+
+    Autograd keeps the pack hook of every tensor saved under it until the graph is freed, so the hook
+    holds no tensor: the product by its storage address only, gate and up by weak reference (the
+    recipes hold them strongly, and go with down_proj's saved tensors after its backward)."""
 
     def __init__(self, product, gate, up):
-        self.product, self.gate, self.up = product, gate, up
         self.hooks = None
         if not (torch.is_grad_enabled() and product.requires_grad):
             return
@@ -130,13 +134,14 @@ class _RecomputeProduct:
         if outer is not None and not getattr(outer[0], "keeps_tensors", False):
             return
         self.outer = outer
-        self.storage = product.untyped_storage().data_ptr()
+        self.inputs = (weakref.ref(gate), weakref.ref(up))
+        self.key = (product.untyped_storage().data_ptr(), product.dtype, product.device)
+        self.offset = product.storage_offset()
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, t):
-        p = self.product
-        if t.dtype == p.dtype and t.device == p.device and t.untyped_storage().data_ptr() == self.storage:
-            return _Recipe(self.gate, self.up, t, p.storage_offset())
+        if (t.untyped_storage().data_ptr(), t.dtype, t.device) == self.key:
+            return _Recipe(self.inputs[0](), self.inputs[1](), t, self.offset)
         if self.outer is None:
             return t
         return _Outer(self.outer[0](t), self.outer[1])

@@ -137,3 +137,40 @@ def test_lean_decoder_keeps_its_fast_path_and_generation_matches(batch):
     foreign = copy.deepcopy(ref)
     foreign.model.norm.forward = lambda x: x  # someone else's instance patch: the decoder must not bypass it
     assert not supports_fast_decode(foreign, 32)
+
+
+def test_the_swiglu_product_is_freed_after_forward_and_gate_up_during_backward(monkeypatch):
+    """down_proj's saved input is rebuilt in backward, so the product itself must die with the forward;
+    and nothing (the saved-tensor hooks autograd keeps until the graph is freed) may hold gate and up
+    past the MLP's own backward."""
+    import gc
+    import weakref
+
+    from rlhf_fast.models import patching
+
+    model = tiny_causal_lm("llama").train()
+    patch_backbone(model)
+    mlp = model.model.layers[0].mlp
+    refs = {}
+    real_swiglu, real_gate = patching.swiglu, mlp.gate_proj.forward
+
+    def swiglu(gate, up):
+        out = real_swiglu(gate, up)
+        refs.update(product=weakref.ref(out), gate=weakref.ref(gate), up=weakref.ref(up))
+        return out
+
+    monkeypatch.setattr(patching, "swiglu", swiglu)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    y = mlp(x)
+    gc.collect()
+    assert refs["product"]() is None and refs["gate"]() is not None
+    alive_in_backward = []
+
+    def on_grad(g):  # runs once the MLP's backward is done, while the rest of the graph still exists
+        gc.collect()
+        alive_in_backward.append((refs["gate"]() is not None, refs["up"]() is not None))
+
+    x.register_hook(on_grad)
+    (y * y).sum().backward()
+    assert alive_in_backward == [(False, False)]
+    assert real_gate is not None and x.grad is not None
