@@ -30,6 +30,17 @@ int check_dtype(int code, const char* name) {
   return code;
 }
 
+// RMSNorm kernels: the row dtype and the output (or output-gradient) dtype, which is the same or fp32
+// (bf16 rows, fp32 weight); rows of H >= 1 elements.
+void check_rms_norm(int dtype, int other_dtype, int64_t R, int64_t H, const char* name) {
+  check_dtype(dtype, name);
+  check_dtype(other_dtype, name);
+  if (dtype == rlhf_fast::kF32 && other_dtype != rlhf_fast::kF32)
+    throw std::invalid_argument(std::string(name) + ": fp32 rows need fp32 outputs and output gradients");
+  check_dims(R, H, H, name);
+  if (H < 1) throw std::invalid_argument(std::string(name) + ": hidden size must be >= 1");
+}
+
 template <typename T>
 T* optional_ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
@@ -235,12 +246,7 @@ PYBIND11_MODULE(_C, m) {
       "rms_norm_fwd",
       [](int dtype, int out_dtype, std::uintptr_t x, std::uintptr_t residual, std::uintptr_t w, std::uintptr_t out,
          std::uintptr_t h_out, std::uintptr_t rstd, int64_t R, int64_t H, float eps) {
-        check_dtype(dtype, "x");
-        check_dtype(out_dtype, "out");
-        if (dtype == rlhf_fast::kF32 && out_dtype != rlhf_fast::kF32)
-          throw std::invalid_argument("rms_norm_fwd: fp32 input needs an fp32 output");
-        check_dims(R, H, H, "x");
-        if (H < 1) throw std::invalid_argument("rms_norm_fwd: hidden size must be >= 1");
+        check_rms_norm(dtype, out_dtype, R, H, "rms_norm_fwd");
         if ((residual == 0) != (h_out == 0)) throw std::invalid_argument("rms_norm_fwd: residual needs h_out");
         if (R == 0) return;
         py::gil_scoped_release release;
@@ -254,12 +260,7 @@ PYBIND11_MODULE(_C, m) {
       "rms_norm_bwd",
       [](int dtype, int grad_dtype, std::uintptr_t grad_out, std::uintptr_t grad_res, std::uintptr_t h,
          std::uintptr_t w, std::uintptr_t rstd, std::uintptr_t grad_h, std::uintptr_t grad_w, int64_t R, int64_t H) {
-        check_dtype(dtype, "h");
-        check_dtype(grad_dtype, "grad_out");
-        if (dtype == rlhf_fast::kF32 && grad_dtype != rlhf_fast::kF32)
-          throw std::invalid_argument("rms_norm_bwd: fp32 input needs an fp32 output gradient");
-        check_dims(R, H, H, "h");
-        if (H < 1) throw std::invalid_argument("rms_norm_bwd: hidden size must be >= 1");
+        check_rms_norm(dtype, grad_dtype, R, H, "rms_norm_bwd");
         if (R == 0) return;
         py::gil_scoped_release release;
         rlhf_fast::rms_norm_bwd(dtype, grad_dtype, as_ptr<const void>(grad_out, "grad_out"),

@@ -71,3 +71,29 @@ def run_in_interpreter(*pytest_args: str, timeout: float = 600) -> subprocess.Co
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def run_torchrun(module: str, out: Path, nproc: int = 2, timeout: float = 600) -> list:
+    """``torchrun --standalone --nproc_per_node=nproc -m module OUT`` (gloo on CPU, one thread per rank, no
+    interpreter) from the repository root; returns each rank's ``torch.load(OUT / f"rank{r}.pt")``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(Path(out) / f"rank{r}.pt") for r in range(nproc)]
+
+
+def finish_rank(result, out: Path) -> None:
+    """Worker side of ``run_torchrun``: save this rank's result as OUT/rank{r}.pt, leave the process group."""
+    torch.save(result, Path(out) / f"rank{torch.distributed.get_rank()}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def worker_entry(main) -> None:
+    """``main(Path(sys.argv[1]))``, then exit at once (skipping interpreter teardown under torchrun)."""
+    main(Path(sys.argv[1]))
+    sys.stdout.flush()
+    os._exit(0)

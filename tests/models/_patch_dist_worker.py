@@ -6,8 +6,6 @@ unpatched copy computes under the same wrapper. Writes OUT/rank{r}.pt.
 from __future__ import annotations
 
 import copy
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ import torch
 from rlhf_fast.models import is_patched, patch_backbone
 from rlhf_fast.trainer.distributed import init_from_env
 from tests.models.conftest import VOCAB, Batch, tiny_causal_lm
+from tests.utils import finish_rank, worker_entry
 
 
 def _wrap(model, mode):
@@ -56,12 +55,8 @@ def main(out: Path) -> None:
         result[mode] = {"patched": _step(patched, batch.input_ids, batch.attention_mask),
                         "plain": _step(plain, batch.input_ids, batch.attention_mask),
                         "layer": (type(layer).__name__, is_patched(layer) and is_patched(layer.mlp))}
-    torch.save(result, out / f"rank{rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    finish_rank(result, out)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
-    sys.stdout.flush()
-    os._exit(0)
+    worker_entry(main)
