@@ -60,11 +60,14 @@ def test_fp32_outputs_and_gradients_equal_the_unpatched_model(arch, batch):
                  _loss_and_grads(ref, packed, position_ids=PACKED_POSITIONS))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_bf16_autocast_equals_the_unpatched_model_to_bf16_tolerance(arch, batch):
+@pytest.mark.parametrize("arch,pure", [("llama", False), ("qwen2", False), ("qwen2", True)])
+def test_bf16_equals_the_unpatched_model_to_bf16_tolerance(arch, pure, batch):
+    """Under a bf16 autocast (fp32 weights) and for a model stored in bf16."""
     model, ref = _pair(arch)
+    if pure:
+        model, ref = model.bfloat16(), ref.bfloat16()
     patch_backbone(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not pure):
         ours = _loss_and_grads(model, batch.input_ids, attention_mask=batch.attention_mask)
         theirs = _loss_and_grads(ref, batch.input_ids, attention_mask=batch.attention_mask)
     assert ours[0].dtype == theirs[0].dtype
@@ -87,11 +90,12 @@ def test_lora_adapters_get_the_unpatched_gradients(batch):
     assert patch_backbone(model).already_patched == 11
 
 
-def test_gradient_checkpointing_recomputes_the_patched_layers(batch):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_the_patched_layers(batch, reentrant):
     model, ref = _pair("llama")
     patch_backbone(model)
     for m in (model, ref):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     kw = dict(attention_mask=batch.attention_mask)
     _assert_same(_loss_and_grads(model, batch.input_ids, **kw), _loss_and_grads(ref, batch.input_ids, **kw))
     with SavedTensorCounter(exclude=model.parameters()) as ckpt:
