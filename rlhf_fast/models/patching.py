@@ -302,6 +302,11 @@ def patch_backbone(model: torch.nn.Module) -> PatchReport:
             continue
         _install(layer, _layer_forward)
         _count(report, "DecoderLayer", layer)
+    layer_classes = tuple(f["DecoderLayer"] for f in _families())
+    wrapped = sum(isinstance(m, layer_classes) and _kind(m) is None for m in model.modules())
+    if wrapped:  # e.g. FSDP2's subclasses: their forward is not the family's, the layer is not rebuilt
+        report.notes.append(f"{wrapped} decoder layers already wrapped ({type(model).__name__}): residual add "
+                            "left unfused; call patch_backbone before fully_shard")
     if not report.patched and not report.notes:
         report.notes.append(f"{type(model).__name__} is not a Llama/Qwen2/Mistral model; left alone")
     return report

@@ -18,7 +18,7 @@ def ranks(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_patched_model_equals_unpatched_under_the_wrapper(ranks, mode):
     for r in ranks:
-        assert "fused 5 RMSNorm" in r["report"]
+        assert "fused 5 RMSNorm" in r["report"] and "before fully_shard" in r["late"]
         cls, patched_layer = r[mode]["layer"]
         assert patched_layer and cls == ("FSDPQwen2DecoderLayer" if mode == "fsdp2" else "Qwen2DecoderLayer")
         patched, plain = r[mode]["patched"], r[mode]["plain"]
