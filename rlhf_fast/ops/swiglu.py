@@ -72,21 +72,22 @@ def _bwd_triton(grad, gate, up, dgate, dup):
 
 
 def aot_specs() -> list[KernelSpec]:
-    """8k tokens x intermediate 28672 (the widest MLP in range, 235M elements), fp32 and bf16."""
+    """8k tokens x intermediate 28672 (the widest MLP in range, 235M elements: n fits i32, as the launcher
+    passes it), fp32 and bf16."""
     n = 8192 * 28672
     cfg = _elementwise_config(n)
     specs = []
     for dtype in ("fp32", "bf16"):
         specs.append(KernelSpec(
             _swiglu_fwd_kernel,
-            signature={"gate_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "n": "i64",
+            signature={"gate_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "n": "i32",
                        "BLOCK": "constexpr"},
             constexprs={"BLOCK": cfg["BLOCK"]}, num_warps=cfg["num_warps"], label=f"{dtype} n=8192x28672",
         ))
         specs.append(KernelSpec(
             _swiglu_bwd_kernel,
             signature={"grad_ptr": f"*{dtype}", "gate_ptr": f"*{dtype}", "up_ptr": f"*{dtype}",
-                       "dgate_ptr": f"*{dtype}", "dup_ptr": f"*{dtype}", "n": "i64", "BLOCK": "constexpr"},
+                       "dgate_ptr": f"*{dtype}", "dup_ptr": f"*{dtype}", "n": "i32", "BLOCK": "constexpr"},
             constexprs={"BLOCK": cfg["BLOCK"]}, num_warps=cfg["num_warps"], label=f"{dtype} n=8192x28672",
         ))
     return specs
