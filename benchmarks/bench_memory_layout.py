@@ -38,7 +38,7 @@ from transformers.models.qwen2 import modeling_qwen2  # noqa: F401  (transformer
 from benchmarks.common import append_rows, make_row, print_table, ratio
 from rlhf_fast import memory
 from rlhf_fast.measure import mark_baseline, run_isolated, time_fn
-from rlhf_fast.models import PolicyValueModel, position_ids_from_mask
+from rlhf_fast.models import PolicyValueModel, patch_backbone, position_ids_from_mask
 
 TEMPERATURE = 0.7
 VF_COEF = 0.1
@@ -156,11 +156,15 @@ def side_trl(vocab: int, B: int, R: int, device: str = "cpu", steps: int = 2) ->
     return {**stats, "predicted_static_bytes": predicted}
 
 
-def _build_ours(cfg, B: int, R: int, device: str, steps: int = 2, reference: str = "frozen"):
-    """Our shared-backbone layout for ``cfg``: returns (step, predicted static bytes)."""
+def _build_ours(cfg, B: int, R: int, device: str, steps: int = 2, reference: str = "frozen",
+                fused_backbone: bool = False):
+    """Our shared-backbone layout for ``cfg``: returns (step, predicted static bytes, the PolicyValueModel).
+    ``fused_backbone``: the policy runs the fused RMSNorm / SwiGLU / rotary ops (patch_backbone)."""
     torch.manual_seed(0)
     vocab = cfg.vocab_size
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device)
+    if fused_backbone:
+        patch_backbone(model)
     ref_kwargs = {"reference_dtype": torch.bfloat16} if reference == "frozen" else {}
     pv = PolicyValueModel(model, reference=reference, critic="shared", vf_coef=VF_COEF, temperature=TEMPERATURE,
                           **ref_kwargs)
@@ -180,7 +184,7 @@ def _build_ours(cfg, B: int, R: int, device: str, steps: int = 2, reference: str
             del out
         return ref_logp
 
-    return step, predicted.total
+    return step, predicted.total, pv
 
 
 def side_ours(vocab: int, B: int, R: int, device: str = "cpu", steps: int = 2, reference: str = "frozen") -> dict:
@@ -188,7 +192,7 @@ def side_ours(vocab: int, B: int, R: int, device: str = "cpu", steps: int = 2, r
         return _build_ours(cfg, B_, R_, device_, steps_, reference)
 
     _warm_runtime(device, build)
-    step, predicted = build(tiny_config(vocab), B, R, device)
+    step, predicted, _ = build(tiny_config(vocab), B, R, device)
     stats = time_fn(step, warmup=1, repeats=1, device=device)
     return {**stats, "predicted_static_bytes": predicted}
 

@@ -1,7 +1,7 @@
 """benchmarks/results/SUMMARY.md from results.csv: ours / baseline ratios of time and memory.
 
 For every (benchmark, op, shape, dtype, device) the newest row of each provider is kept; the baseline
-is the first present of trl, naive, torch; every provider whose name starts with rlhf_fast is
+is the first present of trl, naive, torch, hf; every provider whose name starts with rlhf_fast is
 compared with it. Ratios below 1 mean ours is faster / leaner.
 
     python -m benchmarks.summary [--csv FILE] [--out FILE]
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS_CSV, RESULTS_DIR
 
-BASELINES = ("trl", "naive", "torch")
+BASELINES = ("trl", "naive", "torch", "hf")  # hf: the Hugging Face module a fused op replaces
 
 
 def _num(s):

@@ -24,6 +24,28 @@ void check_dims(int64_t rows, int64_t cols, int64_t ld, const char* name) {
   if (ld < cols) throw std::invalid_argument(std::string(name) + ": row stride smaller than row length");
 }
 
+int check_dtype(int code, const char* name) {
+  if (code != rlhf_fast::kF32 && code != rlhf_fast::kBF16)
+    throw std::invalid_argument(std::string(name) + ": dtype code must be 0 (fp32) or 1 (bf16)");
+  return code;
+}
+
+// RMSNorm kernels: the row dtype and the output (or output-gradient) dtype, which is the same or fp32
+// (bf16 rows, fp32 weight); rows of H >= 1 elements.
+void check_rms_norm(int dtype, int other_dtype, int64_t R, int64_t H, const char* name) {
+  check_dtype(dtype, name);
+  check_dtype(other_dtype, name);
+  if (dtype == rlhf_fast::kF32 && other_dtype != rlhf_fast::kF32)
+    throw std::invalid_argument(std::string(name) + ": fp32 rows need fp32 outputs and output gradients");
+  check_dims(R, H, H, name);
+  if (H < 1) throw std::invalid_argument(std::string(name) + ": hidden size must be >= 1");
+}
+
+template <typename T>
+T* optional_ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -280,4 +302,79 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("mask"), py::arg("out"), py::arg("n"), py::arg("mean"), py::arg("scale"),
       py::arg("offset"));
+
+  // ---- backbone.cpp (RMSNorm + residual, SwiGLU, rotary); dtype codes 0 = fp32, 1 = bf16; optional pointers 0.
+  m.def(
+      "rms_norm_fwd",
+      [](int dtype, int out_dtype, std::uintptr_t x, std::uintptr_t residual, std::uintptr_t w, std::uintptr_t out,
+         std::uintptr_t h_out, std::uintptr_t rstd, int64_t R, int64_t H, float eps) {
+        check_rms_norm(dtype, out_dtype, R, H, "rms_norm_fwd");
+        if ((residual == 0) != (h_out == 0)) throw std::invalid_argument("rms_norm_fwd: residual needs h_out");
+        if (R == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::rms_norm_fwd(dtype, out_dtype, as_ptr<const void>(x, "x"), optional_ptr<const void>(residual),
+                                as_ptr<const float>(w, "weight"), as_ptr<void>(out, "out"), optional_ptr<void>(h_out),
+                                as_ptr<float>(rstd, "rstd"), R, H, eps);
+      },
+      py::arg("dtype"), py::arg("out_dtype"), py::arg("x"), py::arg("residual"), py::arg("w"), py::arg("out"),
+      py::arg("h_out"), py::arg("rstd"), py::arg("R"), py::arg("H"), py::arg("eps"));
+  m.def(
+      "rms_norm_bwd",
+      [](int dtype, int grad_dtype, std::uintptr_t grad_out, std::uintptr_t grad_res, std::uintptr_t h,
+         std::uintptr_t w, std::uintptr_t rstd, std::uintptr_t grad_h, std::uintptr_t grad_w, int64_t R, int64_t H) {
+        check_rms_norm(dtype, grad_dtype, R, H, "rms_norm_bwd");
+        if (R == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::rms_norm_bwd(dtype, grad_dtype, as_ptr<const void>(grad_out, "grad_out"),
+                                optional_ptr<const void>(grad_res), as_ptr<const void>(h, "h"),
+                                as_ptr<const float>(w, "weight"), as_ptr<const float>(rstd, "rstd"),
+                                as_ptr<void>(grad_h, "grad_h"), optional_ptr<float>(grad_w), R, H);
+      },
+      py::arg("dtype"), py::arg("grad_dtype"), py::arg("grad_out"), py::arg("grad_res"), py::arg("h"), py::arg("w"),
+      py::arg("rstd"), py::arg("grad_h"), py::arg("grad_w"), py::arg("R"), py::arg("H"));
+  m.def(
+      "swiglu_fwd",
+      [](int dtype, std::uintptr_t gate, std::uintptr_t up, std::uintptr_t out, int64_t n) {
+        check_dtype(dtype, "gate");
+        if (n < 0) throw std::invalid_argument("swiglu_fwd: negative size");
+        if (n == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::swiglu_fwd(dtype, as_ptr<const void>(gate, "gate"), as_ptr<const void>(up, "up"),
+                              as_ptr<void>(out, "out"), n);
+      },
+      py::arg("dtype"), py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("n"));
+  m.def(
+      "swiglu_bwd",
+      [](int dtype, std::uintptr_t grad, std::uintptr_t gate, std::uintptr_t up, std::uintptr_t grad_gate,
+         std::uintptr_t grad_up, int64_t n) {
+        check_dtype(dtype, "gate");
+        if (n < 0) throw std::invalid_argument("swiglu_bwd: negative size");
+        if (n == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::swiglu_bwd(dtype, as_ptr<const void>(grad, "grad"), as_ptr<const void>(gate, "gate"),
+                              as_ptr<const void>(up, "up"), as_ptr<void>(grad_gate, "grad_gate"),
+                              as_ptr<void>(grad_up, "grad_up"), n);
+      },
+      py::arg("dtype"), py::arg("grad"), py::arg("gate"), py::arg("up"), py::arg("grad_gate"), py::arg("grad_up"),
+      py::arg("n"));
+  m.def(
+      "rotary",
+      [](int in_dtype, int out_dtype, std::uintptr_t x, std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t y,
+         int64_t B, int64_t heads, int64_t T, int64_t D, int64_t x_b, int64_t x_h, int64_t x_t, int64_t y_b,
+         int64_t y_h, int64_t y_t, int64_t cos_b, int64_t cos_t, bool backward) {
+        check_dtype(in_dtype, "x");
+        check_dtype(out_dtype, "y");
+        if (B < 0 || heads < 0 || T < 0 || D < 0) throw std::invalid_argument("rotary: negative size");
+        if (D % 2) throw std::invalid_argument("rotary: head_dim must be even");
+        if (x_b < 0 || x_h < 0 || x_t < 0 || y_b < 0 || y_h < 0 || y_t < 0 || cos_b < 0 || cos_t < 0)
+          throw std::invalid_argument("rotary: negative stride");
+        if (B == 0 || heads == 0 || T == 0 || D == 0) return;
+        const rlhf_fast::RotaryShape s{B, heads, T, D, x_b, x_h, x_t, y_b, y_h, y_t, cos_b, cos_t};
+        py::gil_scoped_release release;
+        rlhf_fast::rotary(in_dtype, out_dtype, as_ptr<const void>(x, "x"), as_ptr<const float>(cos, "cos"),
+                          as_ptr<const float>(sin, "sin"), as_ptr<void>(y, "y"), s, backward);
+      },
+      py::arg("in_dtype"), py::arg("out_dtype"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("y"),
+      py::arg("B"), py::arg("heads"), py::arg("T"), py::arg("D"), py::arg("x_b"), py::arg("x_h"), py::arg("x_t"),
+      py::arg("y_b"), py::arg("y_h"), py::arg("y_t"), py::arg("cos_b"), py::arg("cos_t"), py::arg("backward"));
 }

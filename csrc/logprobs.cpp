@@ -8,39 +8,10 @@
 #include <cstring>
 #include <limits>
 
+#include "fast_math.h"
 #include "ops.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RLHF_FAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RLHF_FAST_CLONES
-#endif
-
 namespace rlhf_fast {
-namespace {
-
-// expf for x <= 0 (every call site subtracts the row max first), |rel err| < 2e-7 on [-87, 0].
-// exp(x) = 2^k * exp(r), k = round(x / ln2), r = x - k ln2 in [-ln2/2, ln2/2]; degree-6 Taylor/
-// minimax polynomial for exp(r). Below -87 the result flushes to 0. NaN propagates through r.
-inline float exp_nonpos(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;  // keeps 2^k a normal float; NaN compares false -> stays NaN
-  const float kf = std::nearbyint(xc * 1.44269504088896341f);
-  const float r = (xc - kf * 0.693359375f) + kf * 2.12194440e-4f;  // two-part ln2 (Cody-Waite)
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float y = p * scale;
-  return x < -87.0f ? 0.0f : y;
-}
-
-}  // namespace
 
 RLHF_FAST_CLONES
 void logprob_rows_fwd_f32(const float* logits, const int64_t* labels, float* logp, float* entropy, float* lse,

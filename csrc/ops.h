@@ -79,4 +79,36 @@ void logprob_rows_bwd_f32(float* logits, const int64_t* labels, const float* lse
                           const float* grad_logp, const float* grad_entropy, int64_t n, int64_t V, int64_t ld,
                           float inv_temperature, int64_t ignore_index);
 
+// backbone.cpp -- RMSNorm (+ residual add), SwiGLU, rotary embedding (formulas: rlhf_fast/ops/rms_norm.py,
+// swiglu.py, rotary.py). Tensors are fp32 or bf16 (raw bits), named by a dtype code; all math in fp32.
+constexpr int kF32 = 0;
+constexpr int kBF16 = 1;
+
+// x, residual (may be null), out, h_out: contiguous [R, H]; w: fp32 [H]; rstd: fp32 [R] (written).
+// h = residual + x (rounded to dtype, written to h_out) or x; out = w * round_dtype(h * rstd), stored in
+// out_dtype (dtype, or fp32 when dtype is bf16 and the weight promotes the output).
+void rms_norm_fwd(int dtype, int out_dtype, const void* x, const void* residual, const float* w, void* out,
+                  void* h_out, float* rstd, int64_t R, int64_t H, float eps);
+// grad_out: [R, H] in grad_dtype (the forward's out_dtype); grad_res: [R, H] in dtype or null (the
+// gradient reaching the fused residual output); grad_h: [R, H] in dtype; grad_w: fp32 [H] or null (not
+// needed), summed over rows in fixed blocks (deterministic whatever the thread count).
+void rms_norm_bwd(int dtype, int grad_dtype, const void* grad_out, const void* grad_res, const void* h,
+                  const float* w, const float* rstd, void* grad_h, float* grad_w, int64_t R, int64_t H);
+// Contiguous [n] in dtype: out = silu(gate) * up; backward writes grad_gate, grad_up from grad.
+void swiglu_fwd(int dtype, const void* gate, const void* up, void* out, int64_t n);
+void swiglu_bwd(int dtype, const void* grad, const void* gate, const void* up, void* grad_gate, void* grad_up,
+                int64_t n);
+// x, y: [B, heads, T, D] with element strides (the last dim contiguous); cos, sin: fp32 [B or 1, T, D]
+// with strides cos_b (0 to broadcast over the batch) and cos_t, the last dim contiguous.
+struct RotaryShape {
+  int64_t B, heads, T, D;
+  int64_t x_b, x_h, x_t;
+  int64_t y_b, y_h, y_t;
+  int64_t cos_b, cos_t;
+};
+// Forward y = x cos + rotate_half(x) sin; backward (x = the incoming gradient) its transpose.
+// (in_dtype, out_dtype): (fp32, fp32), (bf16, bf16), (bf16, fp32) or (fp32, bf16).
+void rotary(int in_dtype, int out_dtype, const void* x, const float* cos, const float* sin, void* y,
+            const RotaryShape& s, bool backward);
+
 }  // namespace rlhf_fast

@@ -9,7 +9,8 @@
                    and ours; suggestions that make a setup fit
     report.py      report_dict / format_report / format_measured / save_png
     tracker.py     AllocationTracker (a TorchDispatchMode recording every tensor created; tests use it to
-                   prove memory claims) and StorageTracker, which the measurement uses
+                   prove memory claims), StorageTracker, which the measurement uses, and
+                   SavedTensorCounter (the bytes autograd saves for backward)
     micro_step.py  measure_micro_step (one real PPO micro-step, bytes counted) and compare_measured
     command.py     ``rlhf-fast memory``: configure(parser), run(args)
 
@@ -32,7 +33,7 @@ _MODULES = {
              "setup_from_ppo_config"),
     "predictor": ("STATIC", "TRAIN", "GENERATE", "COMPONENTS", "Prediction", "predict", "Suggestion", "suggestions"),
     "report": ("report_dict", "format_report", "format_measured", "save_png"),
-    "tracker": ("Allocation", "AllocationTracker", "StorageTracker"),
+    "tracker": ("Allocation", "AllocationTracker", "StorageTracker", "SavedTensorCounter"),
     "micro_step": ("measure_micro_step", "compare_measured"),
     "command": ("configure", "run"),
 }

@@ -47,6 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "amp: fp32 params/grads/AdamW, dtype autocast")
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--fused-backbone", action="store_true",
+                        help="shared layout: the policy runs rlhf_fast's fused RMSNorm/SwiGLU/rotary ops (patch_backbone)")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true", help="shard parameters, grads and optimizer over --gpus")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank for --reference lora")
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         setup = Setup(batch=args.batch, prompt_len=args.prompt_len, response_len=args.response_len,
                       layout=args.layout, reference=args.reference, dtype=args.dtype, precision=args.precision,
                       optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing, gpus=args.gpus,
-                      fsdp=args.fsdp, lora_r=args.lora_r, shard_frozen=not args.replicate_frozen, gen_batch=args.gen_batch)
+                      fsdp=args.fsdp, lora_r=args.lora_r, shard_frozen=not args.replicate_frozen, gen_batch=args.gen_batch,
+                      fused_backbone=args.fused_backbone)
         if args.fsdp and args.gpus < 2:
             raise ValueError(f"--fsdp needs --gpus >= 2, got --gpus {args.gpus}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

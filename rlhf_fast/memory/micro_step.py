@@ -12,14 +12,15 @@ import dataclasses
 from rlhf_fast.memory.predictor import predict
 from rlhf_fast.memory.rules import activation_bytes, dtype_bytes, logprob_chunk_bytes, torch_dtype
 from rlhf_fast.memory.spec import ModelShape, Setup
-from rlhf_fast.memory.tracker import StorageTracker
+from rlhf_fast.memory.tracker import SavedTensorCounter, StorageTracker
 
 
 def measure_micro_step(config, setup: Setup, device: str = "cpu", trace: str | None = None, seed: int = 0) -> dict:
     """One real PPO micro-step of the shared layout on ``device``, tensor bytes counted by StorageTracker.
 
     The micro-step of ``benchmarks/bench_memory_layout.py`` (``side_ours``): random-init weights in
-    ``setup.dtype``, PolicyValueModel(critic="shared", reference=setup.reference), reference log-probs
+    ``setup.dtype`` (the fused backbone patched in when ``setup.fused_backbone``),
+    PolicyValueModel(critic="shared", reference=setup.reference), reference log-probs
     (no grad), forward with entropy, clipped PPO + value loss, backward, AdamW step. No reward model.
     Returns bytes, each the tracker's record of the allocations behind the tensors named:
     ``params`` (every parameter of the policy, value head and reference, as created while building),
@@ -36,7 +37,7 @@ def measure_micro_step(config, setup: Setup, device: str = "cpu", trace: str | N
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_fast.models import PolicyValueModel
+    from rlhf_fast.models import PolicyValueModel, patch_backbone
 
     dev = torch.device(device)
     dtype = torch_dtype(setup.dtype)
@@ -50,6 +51,8 @@ def measure_micro_step(config, setup: Setup, device: str = "cpu", trace: str | N
         torch.cuda.reset_peak_memory_stats(dev)
     with StorageTracker() as build:
         model = AutoModelForCausalLM.from_config(config).to(device=dev, dtype=dtype)
+        if setup.fused_backbone:
+            patch_backbone(model)
         pv = PolicyValueModel(model, reference=setup.reference, critic="shared", dtype=dtype,
                               **({"reference_dtype": dtype} if setup.reference == "frozen" else {}))
     if setup.grad_checkpointing:
@@ -70,16 +73,8 @@ def measure_micro_step(config, setup: Setup, device: str = "cpu", trace: str | N
     gc.collect()
     with StorageTracker() as step:
         ref_logp = pv.reference_logprobs(ids, mask, response_start=P) if setup.reference != "none" else None
-        param_ptrs = {q.untyped_storage().data_ptr() for q in pv.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(t):  # every tensor autograd keeps for backward: the activations, counted once per storage
-            st = t.untyped_storage()
-            if st.data_ptr() not in param_ptrs and st.data_ptr() != 0:
-                saved[st.data_ptr()] = st.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        # every tensor autograd keeps for backward: the activations, counted once per storage
+        with SavedTensorCounter(exclude=pv.parameters()) as saved:
             out = pv(ids, mask, response_start=P, return_entropy=True)
         ratio = torch.exp((out.logprobs - out.logprobs.detach()).clamp(-20, 20))
         pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
@@ -93,7 +88,7 @@ def measure_micro_step(config, setup: Setup, device: str = "cpu", trace: str | N
     state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
     buffers = [a.nbytes for a in step.allocations
                if len(a.shape) == 2 and a.shape[1] == V and a.dtype == torch.float32]
-    result = {"params": params, "grads": grads, "optimizer": step.bytes_of(state), "activations": sum(saved.values()),
+    result = {"params": params, "grads": grads, "optimizer": step.bytes_of(state), "activations": saved.bytes,
               "logprob_buffer": max(buffers, default=0), "step_peak": step.peak_live_bytes, "device": dev.type}
     if dev.type == "cuda":
         result["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(dev)
@@ -119,7 +114,7 @@ def compare_measured(shape: ModelShape, setup: Setup, measured: dict) -> dict:
         "logprob_buffer": logprob_chunk_bytes(like.batch * like.response_len, shape.vocab, like.device),
         # saved by the forward pass (with checkpointing the recomputed layer lives only inside backward)
         "activations": activation_bytes(shape, like.batch * like.seq_len, dtype_bytes(like.dtype),
-                                        like.grad_checkpointing, forward_only=True),
+                                        like.grad_checkpointing, forward_only=True, fused_backbone=like.fused_backbone),
         "step_peak": c["policy grads"] + c["value grads"] + max(c["activations"] + c["logprob buffers"],
                                                                 c["policy optimizer"] + c["value optimizer"]),
     }

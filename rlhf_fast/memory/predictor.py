@@ -84,7 +84,8 @@ def predict(shape: ModelShape, setup: Setup, layout: str | None = None) -> Predi
     p_b, g_b, _ = per_element
     shard = setup.gpus if setup.fsdp else 1
     tokens = setup.batch * setup.seq_len
-    backbone_act = activation_bytes(shape, tokens, a, setup.grad_checkpointing)
+    backbone_act = activation_bytes(shape, tokens, a, setup.grad_checkpointing)  # HF's modules, as TRL runs them
+    fused_act = activation_bytes(shape, tokens, a, setup.grad_checkpointing, fused_backbone=setup.fused_backbone)
     c = dict.fromkeys(COMPONENTS, 0)
     score_head = shape.hidden  # [1, H], no bias
     if layout == "four-model":
@@ -104,7 +105,7 @@ def predict(shape: ModelShape, setup: Setup, layout: str | None = None) -> Predi
             _trained(c, "policy", shape.total_numel, per_element)
         c["reference"] = shape.total_numel * a if setup.reference == "frozen" else 0
         c["reward"] = (shape.backbone_numel + score_head) * a
-        c["activations"] = backbone_act
+        c["activations"] = fused_act
         head_trainable = setup.reference != "lora"
         c["logprob buffers"] = (fused_logprob_buffer_bytes(shape, setup, head_trainable)
                                 + tied_head_grad_bytes(shape, g_b, head_trainable))

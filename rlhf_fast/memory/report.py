@@ -49,7 +49,8 @@ def format_report(rep: dict) -> str:
         f"{m['layers']} layers, vocab {m['vocab']}{', tied embeddings' if m['tied'] else ''}",
         f"batch {s['batch']} x (prompt {s['prompt_len']} + response {s['response_len']}), {s['dtype']} "
         f"({s['precision']} precision, {s['optimizer']}), grad checkpointing {'on' if s['grad_checkpointing'] else 'off'}, "
-        f"reference (shared layout) {s['reference']}, {s['gpus']} GPU(s){' FSDP' if s['fsdp'] else ''}",
+        f"reference (shared layout) {s['reference']}{', fused backbone' if s.get('fused_backbone') else ''}, "
+        f"{s['gpus']} GPU(s){' FSDP' if s['fsdp'] else ''}",
         "",
         f"{'per GPU, GiB':<20}" + "".join(f"{name:>14}" for name in LAYOUTS),
     ]

@@ -42,6 +42,16 @@ their product; plus the fp32 input copies the two RMSNorms keep). Without checkp
 that, plus the final norm (H · (4 + a)). With checkpointing: the layer inputs a · H per layer plus one
 layer's full activations (recomputed in backward) plus the final norm.
 
+With the fused backbone (``fused_backbone=True``, ``rlhf_fast.models.patch_backbone``), per layer per token
+    a · (2H + 3q + 3kv + 2I)
+and a · H for the final norm: each fused RMSNorm keeps its input in the input dtype and an fp32 scalar
+per row, where HF's keeps an fp32 copy of the input and the normalised tensor (4H bytes less per norm,
+whatever the dtype: fp32 x + fp32 normalised -> x, or fp32 copy + bf16 normalised -> bf16 x); SwiGLU
+keeps gate and up but not act(gate), and the product ``down_proj`` would keep is rebuilt in backward
+(2 · a · I less). The rotary embedding saves what HF's saves (cos and sin, shared by all layers). Under
+checkpointing the recomputed layer keeps the product again (the rebuild steps aside beneath
+checkpointing's own saved-tensor hooks): a · I more in that one layer.
+
 Log-prob buffers. Naive (``naive_logprob_buffer_bytes``, TRL's path): the full fp32 logits [B·T, V]
 plus the log-softmax copy, 2 · B·T·V · 4. Fused (``fused_logprob_buffer_bytes``,
 ``rlhf_fast.ops.fused_linear_logprobs``): one fp32 [chunk, V] buffer (``logprob_chunk_bytes``) with
@@ -214,17 +224,23 @@ def trainable_element_bytes(dtype: str, precision: str, optimizer: str) -> tuple
 
 
 def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, checkpointing: bool,
-                     forward_only: bool = False) -> int:
-    """Saved activations of one backbone over ``tokens`` tokens (module docstring formula).
+                     forward_only: bool = False, fused_backbone: bool = False) -> int:
+    """Saved activations of one backbone over ``tokens`` tokens (module docstring formulas).
 
     ``forward_only`` with checkpointing: what the forward pass itself keeps (layer inputs + final norm),
-    without the one layer recomputed during backward."""
+    without the one layer recomputed during backward. ``fused_backbone``: the backbone runs the fused
+    RMSNorm / SwiGLU / rotary ops (``rlhf_fast.models.patch_backbone``)."""
     H, inter = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_layer = act_bytes * (2 * H + 3 * q + 3 * kv + 4 * inter) + 2 * 4 * H
-    final_norm = H * (4 + act_bytes)
+    shared = act_bytes * (2 * H + 3 * q + 3 * kv + 2 * inter)  # what both variants keep
+    if fused_backbone:
+        per_layer, final_norm = shared, H * act_bytes
+        recomputed_layer = per_layer + act_bytes * inter  # the product is kept under checkpointing
+    else:
+        per_layer, final_norm = shared + act_bytes * 2 * inter + 2 * 4 * H, H * (4 + act_bytes)
+        recomputed_layer = per_layer
     if checkpointing:
-        return tokens * (shape.layers * H * act_bytes + (0 if forward_only else per_layer) + final_norm)
+        return tokens * (shape.layers * H * act_bytes + (0 if forward_only else recomputed_layer) + final_norm)
     return tokens * (shape.layers * per_layer + final_norm)
 
 

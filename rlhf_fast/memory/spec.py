@@ -151,6 +151,7 @@ class Setup:
     shard_frozen: bool = True  # under FSDP the frozen reference and reward are sharded too (as the trainer does)
     gen_batch: int | None = None  # sequences per generation batch (KV cache); None = batch
     device: str = "cuda"  # whose log-prob chunk budget applies
+    fused_backbone: bool = False  # shared layout: the policy runs rlhf_fast's fused RMSNorm/SwiGLU/rotary ops
 
     def __post_init__(self):
         for name in ("batch", "prompt_len", "response_len", "gpus", "lora_r", "gen_batch"):
@@ -177,8 +178,9 @@ def setup_from_ppo_config(cfg, memory_section: dict) -> tuple[str, Setup, int]:
     architecture), ``prompt_len``, ``gpus`` and ``gpu_mem``. From the PPOConfig, as our trainer runs it:
     micro-batch = ``per_device_train_batch_size``, generation batch = ``local_rollout_forward_batch_size``,
     R = ``response_length``, ``gradient_checkpointing`` (None, "decide", counts as off), reference mode
-    (``auto``: ``none`` for a critic-free estimator at kl_coef == 0, else ``frozen``; ``lora`` uses the trainer's default r=8 adapters), FSDP when
-    ``distributed_strategy == "fsdp2"``. Precision: the trainer keeps fp32 policy weights and autocasts
+    (``auto``: ``none`` for a critic-free estimator at kl_coef == 0, else ``frozen``; ``lora`` uses the
+    trainer's default r=8 adapters), FSDP when ``distributed_strategy == "fsdp2"``, the fused backbone when
+    ``fused_backbone`` is set. Precision: the trainer keeps fp32 policy weights and autocasts
     when ``bf16``/``fp16`` is set, i.e. ``precision="amp"``; a frozen reference must be stored in that
     autocast dtype (``reference_dtype: bf16``), which is what the predictor assumes.
     """
@@ -201,6 +203,7 @@ def setup_from_ppo_config(cfg, memory_section: dict) -> tuple[str, Setup, int]:
         precision="amp" if dtype != "fp32" else "pure", grad_checkpointing=bool(cfg.gradient_checkpointing),
         gpus=gpus, fsdp=cfg.distributed_strategy == "fsdp2" and gpus > 1,
         gen_batch=cfg.local_rollout_forward_batch_size,
+        fused_backbone=bool(getattr(cfg, "fused_backbone", False)),
     )
     return str(memory_section["model"]), setup, parse_memory(str(memory_section["gpu_mem"]))
 

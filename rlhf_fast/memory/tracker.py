@@ -11,6 +11,9 @@ so those are seen too.
     with AllocationTracker() as t:
         loss = f(x); loss.backward()
     t.max_numel, t.peak_live_bytes, t.total_bytes
+
+``SavedTensorCounter`` counts what autograd keeps for backward instead (saved-tensor hooks): the
+activation bytes of a forward, the number the fused backbone ops are judged by.
 """
 from __future__ import annotations
 
@@ -125,4 +128,47 @@ class StorageTracker(AllocationTracker):
         return sum(self.created.get(p, 0) for p in ptrs)
 
 
-__all__ = ["Allocation", "AllocationTracker", "StorageTracker"]
+def _identity(t):
+    return t
+
+
+class SavedTensorCounter:
+    """Bytes autograd saves for backward inside the ``with`` block, via ``saved_tensors_hooks``.
+
+    Each distinct storage counts once, at its full size (a saved view of a larger tensor keeps all of
+    it alive); storages of ``exclude`` (e.g. ``model.parameters()``) are not counted. Inputs saved by
+    the first op count like any other tensor. After the block: ``bytes`` and ``storages`` (data
+    pointer -> bytes).
+
+    The pack hook returns every tensor unchanged and says so with ``keeps_tensors = True``: code that
+    replaces a saved tensor with a recipe to rebuild it only beneath such hooks (the fused backbone's
+    SwiGLU product, rlhf_fast.models.patching) still does so while it is counted, and the count shows it.
+    """
+
+    def __init__(self, exclude=()):
+        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.storages: dict[int, int] = {}
+        self._hooks = None
+
+    def __enter__(self):
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() != 0 and st.data_ptr() not in self._exclude:
+                self.storages[st.data_ptr()] = st.nbytes()
+            return t
+
+        pack.keeps_tensors = True
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, _identity)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+__all__ = ["Allocation", "AllocationTracker", "StorageTracker", "SavedTensorCounter"]

@@ -11,6 +11,7 @@ from rlhf_fast.models.loading import (
     position_ids_from_mask,
     resolve_attn_implementation,
 )
+from rlhf_fast.models.patching import PatchReport, is_patched, patch_backbone, unpatch_backbone
 from rlhf_fast.models.policy_value import ModelOutput, PolicyValueModel
 from rlhf_fast.models.reference import FrozenReference
 from rlhf_fast.models.reward import CallableReward, ModelReward, last_token_index, make_reward
@@ -20,4 +21,5 @@ __all__ = [
     "position_ids_from_mask", "resolve_attn_implementation", "ModelOutput", "PolicyValueModel",
     "FrozenReference", "CallableReward", "ModelReward", "last_token_index",
     "make_reward", "LeanDecoder", "fast_decode_unsupported_reason", "supports_fast_decode",
+    "PatchReport", "patch_backbone", "unpatch_backbone", "is_patched",
 ]

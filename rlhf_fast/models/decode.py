@@ -20,8 +20,9 @@ per rollout; no copies), in the dtype they have, and every op is autocast-visibl
 ``torch.autocast(bf16)`` the linears run in bf16 exactly as in the HF forward.
 
 ``supports_fast_decode(model, total_length)`` is conservative: anything it does not recognise
-exactly (other architectures, peft/LoRA layers, FSDP2/DTensor parameters, module hooks, an active
-sliding window, dropout in training mode, ...) returns False and the caller uses the HF path.
+exactly (other architectures, peft/LoRA layers, FSDP2/DTensor parameters, module hooks, forwards replaced
+on an instance other than by ``rlhf_fast.models.patching``, an active sliding window, dropout in training
+mode, ...) returns False and the caller uses the HF path.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ _POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
 # rlhf_fast_packed_sdpa (rlhf_fast.models.packing) is SDPA for every unpacked call, a decode step included.
 _ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "rlhf_fast_packed_sdpa", "flash_attention_2", "flash_attention_3",
                          "flex_attention")
+# Set on the forwards rlhf_fast.models.patching installs on module instances: they compute the functions
+# this decoder reproduces (with fused kernels), so a patched model keeps the fast path.
+FUSED_FORWARD_ATTR = "rlhf_fast_fused_backbone"
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,6 +139,11 @@ def fast_decode_unsupported_reason(model, total_length: int | None = None) -> st
     if backbone.layers and rotary.inv_freq.numel() * 2 != backbone.layers[0].self_attn.head_dim:
         return "partial rotary embeddings are not supported"
     for name, module in model.named_modules():
+        # An instance-level forward replaces its class's: only the fused backbone's compute the same
+        # functions. (The root's own forward is what this decoder stands in for, so it is not asked.)
+        own = module.__dict__.get("forward") if name else None
+        if own is not None and not getattr(own, FUSED_FORWARD_ATTR, False):
+            return f"module {name} has its own forward (an instance patch this decoder does not know)"
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
         if any(not _value_neutral_hook(h) for h in hooks) or getattr(module, "_hf_hook", None) is not None:
             return f"module {name or type(model).__name__} has forward hooks (FSDP, accelerate offload, ...)"

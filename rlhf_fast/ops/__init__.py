@@ -29,6 +29,9 @@ from rlhf_fast.ops.ppo_loss import (
     value_loss,
     value_loss_reference,
 )
+from rlhf_fast.ops.rms_norm import rms_norm, rms_norm_reference
+from rlhf_fast.ops.rotary import rotary, rotary_reference
+from rlhf_fast.ops.swiglu import swiglu, swiglu_recompute, swiglu_reference
 from rlhf_fast.ops.whiten import masked_whiten, masked_whiten_reference
 
 __all__ = ["masked_mean", "masked_mean_reference"]
@@ -44,4 +47,7 @@ __all__ += [
 __all__ += [
     "KL_ESTIMATORS", "kl_penalty", "kl_penalty_reference", "token_rewards", "token_rewards_reference",
     "GAEOutput", "gae", "gae_reference", "masked_whiten", "masked_whiten_reference",
+]
+__all__ += [
+    "rms_norm", "rms_norm_reference", "swiglu", "swiglu_recompute", "swiglu_reference", "rotary", "rotary_reference",
 ]

@@ -78,3 +78,16 @@ def test_cli_measure_refuses_what_cannot_fit_here(capsys):
             "--measure", "--device", "cpu"]
     assert cli.main(argv) == 2
     assert "--measure builds real weights" in capsys.readouterr().err
+
+
+def test_cli_fused_backbone_lowers_the_shared_layouts_activations_only(capsys):
+    assert cli.main(_args() + ["--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert cli.main(_args() + ["--json", "--fused-backbone"]) == 0
+    fused = json.loads(capsys.readouterr().out)
+    assert fused["setup"]["fused_backbone"] and not plain["setup"]["fused_backbone"]
+    act = {k: (plain["layouts"][k]["components"]["activations"], fused["layouts"][k]["components"]["activations"])
+           for k in memory.LAYOUTS}
+    assert act["shared"][1] < act["shared"][0] and act["four-model"][1] == act["four-model"][0]  # TRL's is HF's
+    assert cli.main(_args() + ["--fused-backbone"]) == 0
+    assert "fused backbone" in capsys.readouterr().out

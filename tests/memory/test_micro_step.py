@@ -55,3 +55,17 @@ def test_trace_needs_cuda():
     with pytest.raises(ValueError, match="needs CUDA"):
         memory.measure_micro_step(memory.load_model_config("qwen2.5-0.5b"), setup, device="cpu",
                                     trace="x.pickle")
+
+
+def test_fused_backbone_micro_step_matches_its_prediction_and_saves_activations(tmp_path):
+    """--fused-backbone: the measured micro-step patches the policy (rlhf_fast.models.patch_backbone); its
+    saved activations stay within 15% of the fused prediction and below the unpatched measurement."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY["qwen2-untied"]))
+    config = memory.load_model_config(str(tmp_path / "config.json"))
+    shape = memory.model_shape(memory.build_meta_model(config))
+    plain = memory.Setup(batch=3, prompt_len=8, response_len=16, reference="none", dtype="fp32")
+    fused = dataclasses.replace(plain, fused_backbone=True)
+    measured = {s.fused_backbone: memory.measure_micro_step(config, s, device="cpu") for s in (plain, fused)}
+    predicted = memory.compare_measured(shape, fused, measured[True])["activations"]
+    assert abs(measured[True]["activations"] - predicted) <= 0.15 * predicted
+    assert measured[True]["activations"] < 0.8 * measured[False]["activations"]

@@ -6,8 +6,6 @@ unsharded copies give; each rank holds only its shards. Writes OUT/rank{r}.pt.
 from __future__ import annotations
 
 import copy
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ import torch
 from rlhf_fast.models import ModelReward, PolicyValueModel
 from rlhf_fast.trainer.distributed import ShardedReference, ShardedReward, init_from_env
 from tests.trainer.tiny import tiny_classifier, tiny_policy
+from tests.utils import finish_rank, worker_entry
 
 V = 48
 
@@ -45,7 +44,7 @@ def main(out: Path) -> None:
     score_after = sharded_reward(input_ids=ids, attention_mask=mask)
     score_ids = sharded_reward.score_ids(ids, mask)
     local_reward_bytes = sum(p.to_local().numel() * p.element_size() for p in reward.model.parameters())
-    torch.save({
+    finish_rank({
         "ref_before": ref_before, "ref_after": ref_after, "ref_again": ref_again,
         "score_before": score_before, "score_after": score_after, "score_ids": score_ids,
         "score_unsharded_copy": reward_copy(input_ids=ids, attention_mask=mask),
@@ -55,12 +54,8 @@ def main(out: Path) -> None:
         # the reference was copied from the (never trained here) policy: its first tensors, in full
         "fingerprint_equal": all(torch.equal(a, b.detach()) for a, (_, b) in zip(
             pv.reference.fingerprint_params(), list(pv.policy.named_parameters())[:4])),
-    }, out / f"rank{rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    }, out)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
-    sys.stdout.flush()
-    os._exit(0)
+    worker_entry(main)

@@ -1,28 +1,17 @@
 """FSDP2 shards the frozen reference and the reward model too (2 gloo ranks): same numbers, 1/2 the bytes."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.trainer.test_checkpoint import REPO
+from tests.utils import run_torchrun
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shard_frozen")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "tests.trainer._shard_frozen_worker", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_torchrun("tests.trainer._shard_frozen_worker", tmp_path_factory.mktemp("shard_frozen"))
 
 
 def test_sharded_reference_gives_the_unsharded_logprobs(ranks):
