@@ -47,8 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "amp: fp32 params/grads/AdamW, dtype autocast")
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--fused-backbone", action="store_true",
-                        help="shared layout: the policy runs rlhf_fast's fused RMSNorm/SwiGLU/rotary ops (patch_backbone)")
+    parser.add_argument("--fused-backbone", action=argparse.BooleanOptionalAction, default=True,
+                        help="shared layout: the policy runs rlhf_fast's fused RMSNorm/SwiGLU/rotary ops (patch_backbone, "
+                             "the trainers' default); --no-fused-backbone for the unpatched HF modules")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true", help="shard parameters, grads and optimizer over --gpus")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank for --reference lora")

@@ -48,6 +48,7 @@ from rlhf_fast.models.loading import (
     position_ids_from_mask,
 )
 from rlhf_fast.models.packing import enable_packing, packed_hidden, packing_unsupported_reason
+from rlhf_fast.models.patching import patch_backbone
 from rlhf_fast.models.reference import FrozenReference
 from rlhf_fast.models.reward import classifier_backbone, score_head
 from rlhf_fast.ops import fused_linear_logprobs
@@ -181,6 +182,8 @@ class PolicyValueModel(nn.Module):
         reference_dtype, reference_offload: the frozen copy's dtype and host offload between uses.
         gradient_checkpointing: recompute backbone activations in backward; gradient_checkpointing_kwargs go
             to torch.utils.checkpoint (default ``{"use_reentrant": False}``).
+        fused_backbone: swap rlhf_fast's fused RMSNorm (+ residual), SwiGLU and rotary kernels into this model
+            instance (``rlhf_fast.models.patching``; Llama / Qwen2 / Mistral, others unchanged).
         attn_implementation: None/"auto" (flash_attention_2 on CUDA with flash-attn, else sdpa) or a name.
         dtype: parameter dtype of the trainable policy (fp32 master weights by default).
         tokenizer: optional; given a tokenizer without pad token, its EOS becomes pad (with a warning).
@@ -207,6 +210,7 @@ class PolicyValueModel(nn.Module):
         disable_dropout: bool = True,
         model_adapter_name: str | None = None,
         ref_adapter_name: str | None = None,
+        fused_backbone: bool = False,
     ):
         super().__init__()
         if reference not in REFERENCE_MODES:
@@ -250,6 +254,9 @@ class PolicyValueModel(nn.Module):
         base = model if peft_given else load_causal_lm(model, dtype=dtype, attn_implementation=attn_implementation)
         if disable_dropout:
             _disable_dropout(base)
+        # Fused RMSNorm / SwiGLU / rotary kernels, before the reference copy, the critic copy and LoRA
+        # take the model, so they inherit them (per instance: other models in the process stay as they are).
+        self.patch_report = patch_backbone(base) if fused_backbone else None
         self.reference_mode = reference
         self.critic_mode = critic
         self.vf_coef = float(vf_coef)
@@ -312,6 +319,8 @@ class PolicyValueModel(nn.Module):
                     f"got Linear({head.in_features}, {head.out_features})"
                 )
             critic = classifier_backbone(critic_model)
+            if self.patch_report is not None:
+                patch_backbone(critic)
             if head.bias is None:  # the critic's own head (as TRL trains it): a bias-free Linear stays bias-free
                 self.value_head = nn.Linear(H, 1, bias=False, dtype=torch.float32, device=self.value_head.weight.device)
             with torch.no_grad():

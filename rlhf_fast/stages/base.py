@@ -28,6 +28,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
+from rlhf_fast.models import patch_backbone
 from rlhf_fast.models.loading import backbone_hidden, ensure_pad_token, from_pretrained_or_explain
 from rlhf_fast.ops import fused_linear_logprobs
 from rlhf_fast.stages.config import ConfigError, config_to_dict
@@ -69,6 +70,8 @@ class StageTrainingArgs:
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the backbone (CUDA); weights and LM head stay fp32."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    fused_backbone: bool = field(default=True, metadata={"help": "Fused RMSNorm/SwiGLU/rotary kernels in the model "
+                                                                 "(Llama/Qwen2/Mistral; others unchanged)."})
     attn_implementation: str | None = field(default=None, metadata={"help": "None: flash_attention_2 on CUDA if installed, else sdpa."})
     logprob_chunk_size: int | None = field(default=None, metadata={"help": "Rows per chunk of the fused log-prob op (None: its default)."})
     max_nonfinite_steps: int = field(default=3, metadata={"help": "Skip up to N steps with a non-finite loss, then stop."})
@@ -314,6 +317,8 @@ def load_stage_policy(cfg, model: nn.Module | None, tokenizer, load: Callable[[]
             model = build_demo_model(tokenizer, seed=cfg.seed)
         else:
             model = load()
+    if getattr(cfg, "fused_backbone", False):
+        patch_backbone(model)
     return with_stage_tokenizer(cfg, model, tokenizer)
 
 

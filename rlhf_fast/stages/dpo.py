@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_fast.models import patch_backbone
 from rlhf_fast.models.loading import get_backbone, get_lm_head
 from rlhf_fast.stages.base import (
     DEMO,
@@ -306,6 +307,8 @@ class DPOTrainer:
         if ref is None and cfg.ref_model_name_or_path is not None:
             ref = load_stage_causal_lm(cfg.ref_model_name_or_path, "dpo ref_model_name_or_path",
                                        cfg.allow_unmarked_model_dir, cfg.attn_implementation)
+            if cfg.fused_backbone:
+                patch_backbone(ref)
             loaded = True
         if ref is None:
             ref = self.model

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_fast.models import patch_backbone
 from rlhf_fast.models.loading import backbone_hidden, position_ids_from_mask
 from rlhf_fast.models.reward import (
     POOLING_CONFIG_KEY,
@@ -195,6 +196,8 @@ def train_reward_model(cfg: RewardConfig, model: nn.Module | None = None, tokeni
         if tokenizer is None:
             raise ValueError("an in-memory reward model needs tokenizer=")
         model, tokenizer = with_stage_tokenizer(cfg, model, tokenizer)
+    if cfg.fused_backbone:
+        patch_backbone(model)
     # The stage's pooling is part of the model: written into config.json, read back by ModelReward.
     setattr(model.config, POOLING_CONFIG_KEY, cfg.pooling)
     train_rows, eval_rows = preference_rows(cfg, train_dataset, eval_dataset)

@@ -168,6 +168,12 @@ class PPOConfig(TrainingArguments):
         default=None, metadata={"help": "Clamp each per-token KL estimate to [-c, c] (the ops' default 10); None "
                                          "clamps nothing, as TRL."},
     )
+    fused_backbone: bool = field(
+        default=True,
+        metadata={"help": "Swap rlhf_fast's fused RMSNorm (+ residual), SwiGLU and rotary kernels into the policy, "
+                          "critic and reference (Llama / Qwen2 / Mistral; others unchanged). Same numbers up to float "
+                          "rounding, less activation memory."},
+    )
     padding_free: bool = field(
         default=True,
         metadata={"help": "Run every training and scoring forward on packed rows of the valid tokens (attention per "

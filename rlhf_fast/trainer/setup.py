@@ -92,12 +92,20 @@ def build_policy_value(args, model, ref_model, value_model, peft_config, tokeniz
         lora_config=peft_config, reference_dtype=ref_dtype, reference_offload=args.reference_offload,
         gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
         tokenizer=tokenizer, model_adapter_name=args.model_adapter_name, ref_adapter_name=args.ref_adapter_name,
+        fused_backbone=args.fused_backbone,
         temperature=max(args.temperature, 1e-7),
     )
     if ref_model is not None and reference == "frozen":
         from rlhf_fast.models import FrozenReference, load_causal_lm
 
-        pv.reference = FrozenReference(load_causal_lm(ref_model), ref_dtype, args.reference_offload)
+        ref = load_causal_lm(ref_model)
+        if args.fused_backbone:
+            from rlhf_fast.models import patch_backbone
+
+            patch_backbone(ref)
+        pv.reference = FrozenReference(ref, ref_dtype, args.reference_offload)
+    if pv.patch_report is not None and not pv.patch_report.patched:
+        note(f"fused_backbone: {pv.patch_report}")
     if args.padding_free:
         for line in pv.enable_padding_free():
             note(f"padding_free: {line}")

@@ -253,6 +253,17 @@ def test_padding_free(tmp_path, monkeypatch):
     torch.testing.assert_close(_weights(packed), _weights(padded), rtol=1e-5, atol=1e-6)  # same numbers
 
 
+def test_fused_backbone(tmp_path):
+    from rlhf_fast.models import is_patched
+
+    fused = _trained(tmp_path, fused_backbone=True)
+    plain = _trained(tmp_path, fused_backbone=False)
+    assert fused.model.patch_report.patched and any(is_patched(m) for m in fused.model.policy.modules())
+    assert plain.model.patch_report is None and not any(is_patched(m) for m in plain.model.policy.modules())
+    assert any(is_patched(m) for m in fused.model.reference.model.modules())  # the reference copy inherits it
+    torch.testing.assert_close(_weights(fused), _weights(plain), rtol=1e-5, atol=1e-6)  # same numbers
+
+
 # ----------------------------------------------------------------------------- honoured PPOConfig fields
 def test_adapter_names_select_the_trained_and_the_reference_adapter(tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -374,7 +385,7 @@ HONOURED_BY_TEST = {
     "whiten_advantages": "test_field_walk:test_loss_fields_change_the_update",
     "reward_clip": "test_field_walk:test_loss_fields_change_the_update",
     "reward_norm": "test_field_walk:test_loss_fields_change_the_update",
-    "padding_free": "test_field_walk:test_padding_free",
+    "padding_free": "test_field_walk:test_padding_free", "fused_backbone": "test_field_walk:test_fused_backbone",
     "position_rules": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",
     "padding_aware_metrics": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",
     "kl_clamp": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",
