@@ -15,6 +15,7 @@ from rlhf_fast.trainer.ppo_step import (
     ppo_update,
     rollout_forward,
     score_rollout,
+    token_budget_micro_batches,
     trim_batch,
 )
 from rlhf_fast.trainer.rollout import Rollout, generate, sample_from_logits
@@ -23,5 +24,5 @@ __all__ = [
     "Advantages", "KLController", "NonFiniteError", "PPOConfig", "PPOTrainer", "PromptSampler", "Rollout",
     "RolloutForward", "RunningMoments", "StepStats", "compute_advantages", "compute_group_advantages", "generate",
     "generate_rollout", "group_indices", "group_reward_stats", "left_pad", "micro_step", "ppo_update",
-    "prompt_token_lists", "rollout_forward", "sample_from_logits", "score_rollout", "step_metrics", "trim_batch",
+    "prompt_token_lists", "rollout_forward", "sample_from_logits", "score_rollout", "step_metrics", "token_budget_micro_batches", "trim_batch",
 ]

@@ -36,6 +36,14 @@ def limit_threads_per_rank(world_size: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Elementwise max over ranks (a no-op without a process group). Returns a new tensor."""
+    t = t.clone()
+    if dist_ready(group):
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return t
+
+
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum over ranks (a no-op without a process group). Returns a new tensor."""
     t = t.clone()

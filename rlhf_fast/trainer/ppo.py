@@ -430,7 +430,7 @@ class PPOTrainer(TrainerAPI):
         (num_mini_batches = 1, no gradient accumulation, nothing chunked) on weights without dropout:
         that update's forward computes exactly the rollout forward's log-probs and values."""
         a = self.args
-        if not self.reuse_rollout_forward or not a.uses_critic or a.num_mini_batches != 1:
+        if not self.reuse_rollout_forward or not a.uses_critic or a.num_mini_batches != 1 or a.micro_batch_token_budget:
             return False
         B = rollout.responses.shape[0]
         if a.per_device_train_batch_size < B or a.local_rollout_forward_batch_size < B:

@@ -168,6 +168,12 @@ class PPOConfig(TrainingArguments):
         default=None, metadata={"help": "Clamp each per-token KL estimate to [-c, c] (the ops' default 10); None "
                                          "clamps nothing, as TRL."},
     )
+    micro_batch_token_budget: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per micro-batch per rank (veRL's ppo_max_token_len_per_gpu): each minibatch is split "
+                          "into length-balanced micro-batches of about this many tokens instead of "
+                          "per_device_train_batch_size rows; same update (global loss normalisation)."},
+    )
     fused_backbone: bool = field(
         default=True,
         metadata={"help": "Swap rlhf_fast's fused RMSNorm (+ residual), SwiGLU and rotary kernels into the policy, "
@@ -229,6 +235,9 @@ class PPOConfig(TrainingArguments):
         for name in ("cliprange", "cliprange_value"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.micro_batch_token_budget is not None and self.micro_batch_token_budget < 1:
+            raise ValueError(f"micro_batch_token_budget must be a positive number of tokens or None, got "
+                             f"{self.micro_batch_token_budget}")
         if self.kl_clamp is not None and not self.kl_clamp > 0:
             raise ValueError(f"kl_clamp must be > 0 or None, got {self.kl_clamp}")
         if self.dual_clip is not None and self.dual_clip <= 1:

@@ -30,7 +30,7 @@ from rlhf_fast.models import PolicyValueModel
 from rlhf_fast.ops.kl import token_rewards
 from rlhf_fast.ops.ppo_loss import aggregate_loss, value_loss
 from rlhf_fast.ops.whiten import masked_whiten
-from rlhf_fast.trainer.distributed import all_reduce_sum
+from rlhf_fast.trainer.distributed import all_reduce_max, all_reduce_sum
 from rlhf_fast.trainer.logging import StepStats
 from rlhf_fast.trainer.rollout import Rollout, generate
 
@@ -38,7 +38,7 @@ __all__ = [
     "RolloutForward", "Advantages", "ResponseMasks", "POSITION_RULES", "response_masks", "generate_rollout",
     "score_rollout", "scored_completions", "trim_batch", "pad_right",
     "rollout_forward", "rollout_forward_with_grad", "compute_advantages", "compute_group_advantages",
-    "ppo_update", "micro_step", "clip_grad_norm",
+    "ppo_update", "micro_step", "token_budget_micro_batches", "clip_grad_norm",
 ]
 
 
@@ -372,8 +372,12 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rollout
             mb = perm[mb_start:mb_start + args.local_mini_batch_size]
             counts = all_reduce_sum(torch.stack([policy[mb].sum().float(), value[mb].sum().float(),
                                                  torch.tensor(float(len(mb)), device=policy.device)]))
-            micro = [mb[i:i + args.per_device_train_batch_size]
-                     for i in range(0, len(mb), args.per_device_train_batch_size)]
+            budget = getattr(args, "micro_batch_token_budget", None)
+            if budget:
+                micro = token_budget_micro_batches(mb, masks.attention[mb].sum(1), budget)
+            else:
+                micro = [mb[i:i + args.per_device_train_batch_size]
+                         for i in range(0, len(mb), args.per_device_train_batch_size)]
             for k, idx in enumerate(micro):
                 sync = k == len(micro) - 1
                 ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
@@ -397,6 +401,26 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rollout
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return stats, skipped, first_epoch
+
+
+def token_budget_micro_batches(rows: torch.Tensor, tokens: torch.Tensor, budget: int, group=None) -> list[torch.Tensor]:
+    """Split ``rows`` (int64 [b]) into micro-batches of about ``budget`` tokens each (``tokens`` [b]: the
+    tokens each row's forward runs on), balanced by length: the fewest micro-batches that could hold the
+    tokens (every rank takes the largest count over ranks, so DDP and FSDP2 run the same number of
+    forwards; capped at the rows of the smallest rank), rows assigned longest first to the lightest one.
+    A row longer than the budget gets a micro-batch of its own budget's worth. Loss normalisation is global,
+    so the split changes memory and time, never the update."""
+    t = tokens.long().tolist()
+    need = max(-(-sum(t) // budget), sum(1 for x in t if x > budget), 1)
+    k = all_reduce_max(torch.tensor([need, -len(t)]), group)
+    count = max(1, min(int(k[0]), -int(k[1])))
+    bins: list[list[int]] = [[] for _ in range(count)]
+    load = [0] * count
+    for i in sorted(range(len(t)), key=lambda i: -t[i]):
+        j = min(range(count), key=lambda j: load[j])
+        bins[j].append(i)
+        load[j] += t[i]
+    return [rows[sorted(b)] for b in bins if b]
 
 
 def micro_step(rollout: Rollout, masks, fwd: RolloutForward, adv: Advantages, idx: torch.Tensor,

@@ -385,6 +385,7 @@ HONOURED_BY_TEST = {
     "whiten_advantages": "test_field_walk:test_loss_fields_change_the_update",
     "reward_clip": "test_field_walk:test_loss_fields_change_the_update",
     "reward_norm": "test_field_walk:test_loss_fields_change_the_update",
+    "micro_batch_token_budget": "test_micro_batching:test_every_split_gives_the_same_update",
     "padding_free": "test_field_walk:test_padding_free", "fused_backbone": "test_field_walk:test_fused_backbone",
     "position_rules": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",
     "padding_aware_metrics": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",
