@@ -50,6 +50,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fused-backbone", action=argparse.BooleanOptionalAction, default=True,
                         help="shared layout: the policy runs rlhf_fast's fused RMSNorm/SwiGLU/rotary ops (patch_backbone, "
                              "the trainers' default); --no-fused-backbone for the unpatched HF modules")
+    parser.add_argument("--packed-tokens", type=int, default=None, metavar="N",
+                        help="shared layout, padding-free: tokens one micro-batch's forward runs on (the real tokens, "
+                             "or micro_batch_token_budget); default: batch x (prompt + response), padded")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true", help="shard parameters, grads and optimizer over --gpus")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank for --reference lora")
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                       layout=args.layout, reference=args.reference, dtype=args.dtype, precision=args.precision,
                       optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing, gpus=args.gpus,
                       fsdp=args.fsdp, lora_r=args.lora_r, shard_frozen=not args.replicate_frozen, gen_batch=args.gen_batch,
-                      fused_backbone=args.fused_backbone)
+                      fused_backbone=args.fused_backbone, packed_tokens=args.packed_tokens)
         if args.fsdp and args.gpus < 2:
             raise ValueError(f"--fsdp needs --gpus >= 2, got --gpus {args.gpus}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

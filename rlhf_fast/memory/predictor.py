@@ -83,9 +83,10 @@ def predict(shape: ModelShape, setup: Setup, layout: str | None = None) -> Predi
     per_element = trainable_element_bytes(setup.dtype, setup.precision, setup.optimizer)
     p_b, g_b, _ = per_element
     shard = setup.gpus if setup.fsdp else 1
-    tokens = setup.batch * setup.seq_len
+    tokens = setup.batch * setup.seq_len  # a padded micro-batch (TRL's layout always runs one)
+    ours_tokens = min(setup.packed_tokens, tokens) if setup.packed_tokens else tokens  # packed: real tokens only
     backbone_act = activation_bytes(shape, tokens, a, setup.grad_checkpointing)  # HF's modules, as TRL runs them
-    fused_act = activation_bytes(shape, tokens, a, setup.grad_checkpointing, fused_backbone=setup.fused_backbone)
+    fused_act = activation_bytes(shape, ours_tokens, a, setup.grad_checkpointing, fused_backbone=setup.fused_backbone)
     c = dict.fromkeys(COMPONENTS, 0)
     score_head = shape.hidden  # [1, H], no bias
     if layout == "four-model":

@@ -152,6 +152,9 @@ class Setup:
     gen_batch: int | None = None  # sequences per generation batch (KV cache); None = batch
     device: str = "cuda"  # whose log-prob chunk budget applies
     fused_backbone: bool = False  # shared layout: the policy runs rlhf_fast's fused RMSNorm/SwiGLU/rotary ops
+    # shared layout: tokens one micro-batch's forward runs on once padding is dropped (padding_free: the real
+    # tokens, at most micro_batch_token_budget); None = batch x (prompt + response), a padded batch
+    packed_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("batch", "prompt_len", "response_len", "gpus", "lora_r", "gen_batch"):
@@ -204,6 +207,7 @@ def setup_from_ppo_config(cfg, memory_section: dict) -> tuple[str, Setup, int]:
         gpus=gpus, fsdp=cfg.distributed_strategy == "fsdp2" and gpus > 1,
         gen_batch=cfg.local_rollout_forward_batch_size,
         fused_backbone=bool(getattr(cfg, "fused_backbone", False)),
+        packed_tokens=getattr(cfg, "micro_batch_token_budget", None) if getattr(cfg, "padding_free", False) else None,
     )
     return str(memory_section["model"]), setup, parse_memory(str(memory_section["gpu_mem"]))
 

@@ -173,3 +173,25 @@ def test_fitting_setup_has_no_suggestions_and_combination_when_needed():
     assert sugg
     for x in sugg:
         assert _fits(big, dataclasses.replace(setup, **x.changes), mem)
+
+
+def test_packed_tokens_count_real_tokens_in_our_layout_only():
+    shape = memory.model_shape(memory.build_meta_model(memory.load_model_config("qwen2.5-0.5b")))
+    padded = memory.Setup(batch=8, prompt_len=256, response_len=256, fused_backbone=True)
+    packed = dataclasses.replace(padded, packed_tokens=2048)  # half of the 8 x 512 padded tokens are real
+    ours, ours_packed = memory.predict(shape, padded, "shared"), memory.predict(shape, packed, "shared")
+    assert ours_packed.components["activations"] == pytest.approx(ours.components["activations"] / 2, rel=1e-6)
+    trl, trl_packed = memory.predict(shape, padded, "four-model"), memory.predict(shape, packed, "four-model")
+    assert trl_packed.components["activations"] == trl.components["activations"]  # TRL always pads
+    more = dataclasses.replace(padded, packed_tokens=10**6)
+    assert memory.predict(shape, more, "shared").components["activations"] == ours.components["activations"]
+
+
+def test_setup_from_ppo_config_reads_the_token_budget():
+    from rlhf_fast.trainer import PPOConfig
+
+    mem = {"model": "qwen2.5-0.5b", "prompt_len": 128, "gpus": 1, "gpu_mem": "80GB"}
+    cfg = PPOConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, micro_batch_token_budget=1024)
+    assert memory.setup_from_ppo_config(cfg, mem)[1].packed_tokens == 1024
+    cfg = PPOConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, micro_batch_token_budget=1024, padding_free=False)
+    assert memory.setup_from_ppo_config(cfg, mem)[1].packed_tokens is None
