@@ -136,10 +136,10 @@ def packed_hidden(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: 
     The backbone must have been through ``enable_packing``."""
     packed = pack_batch(input_ids, attention_mask)
     B, T = input_ids.shape
-    kwargs = {}
-    if backbone.config._attn_implementation == PACKED_SDPA:  # flash-attn reads the packed position ids itself
-        kwargs = {"cu_seq_lens_q": packed.cu_seqlens, "cu_seq_lens_k": packed.cu_seqlens,
-                  "max_length_q": packed.max_len, "max_length_k": packed.max_len}
+    # The sequence boundaries for the attention (flash-attn's varlen kernels take them as they are; they
+    # would otherwise be derived from the restarting position ids).
+    kwargs = {"cu_seq_lens_q": packed.cu_seqlens, "cu_seq_lens_k": packed.cu_seqlens,
+              "max_length_q": packed.max_len, "max_length_k": packed.max_len}
     out = backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
                    use_cache=False, **kwargs)
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -119,6 +119,15 @@ class ModelReward:
         self.max_length = max_length
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.padding_free = False
+
+    def enable_padding_free(self) -> str | None:
+        """Score on packed rows of the valid tokens (``rlhf_fast.models.packing``); None, or why it stays padded."""
+        from rlhf_fast.models.packing import enable_packing
+
+        reason = enable_packing(self.backbone)
+        self.padding_free = reason is None
+        return reason
 
     @property
     def device(self) -> torch.device:
@@ -134,7 +143,12 @@ class ModelReward:
             )
         dev = self.device
         ids, mask = input_ids.to(dev), attention_mask.to(dev)
-        hidden = backbone_hidden(self.backbone, ids, mask, position_ids_from_mask(mask))
+        if self.padding_free:
+            from rlhf_fast.models.packing import packed_hidden
+
+            hidden = packed_hidden(self.backbone, ids, mask)
+        else:
+            hidden = backbone_hidden(self.backbone, ids, mask, position_ids_from_mask(mask))
         pooled = pool_hidden(hidden, mask, self.pooling)
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float().to(input_ids.device)
 

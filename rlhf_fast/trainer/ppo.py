@@ -117,6 +117,9 @@ class PPOTrainer(TrainerAPI):
         self.reward = build_reward(args.reward_model_path if reward_model is None else reward_model)
         if isinstance(getattr(self.reward, "model", None), nn.Module):
             self.reward.model.to(self.device)
+            if args.padding_free and hasattr(self.reward, "enable_padding_free"):
+                if (why := self.reward.enable_padding_free()) is not None:
+                    self._note(f"padding_free: reward model: padded forwards ({why})")
         self.prompts_per_step, self.sample_generations_freq = plan_batches(args, self.world_size, len(self.prompts))
         data_seed = args.seed if args.data_seed is None else args.data_seed
         self.sampler = PromptSampler(len(self.prompts), self.prompts_per_step, data_seed, self.rank, self.world_size)
