@@ -17,6 +17,8 @@ Sides, each in its own process:
 Per token = (time of an N-token generate - median time of a 1-token generate) / (N - 1): one decode step
 for the whole batch (prefill excluded); median and 20/80 percentiles over the repeats. Reported: per-token
 time, floor, their ratio (1.0 = at the copy-bandwidth limit) and the effective weight-read bandwidth.
+Quick: batches 1 and 8, 32 tokens, 3 repeats (about 2 minutes on an idle 2-core CPU, estimated); --full: 64
+tokens, 7 repeats (about 5 minutes); --smoke: a tiny model (nothing appended to the CSV).
 """
 from __future__ import annotations
 

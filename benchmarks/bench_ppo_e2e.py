@@ -27,8 +27,8 @@ Sides, each in its own process; every side runs examples/trl_ppo_script.py's mai
   rlhf_fast-packed         (varlen) --padding_free True
   rlhf_fast-packed-budget  (varlen) --padding_free True --micro_batch_token_budget 1024
 A side whose PPOConfig field does not exist (yet) reports "not available" instead of running.
-The benchmark wraps the script's PPOTrainer only to add a timing callback, swap in the varlen prompts and
-hook the padding probe; the command line sets batch size (8), response length, PPO epochs (2), stop token
+The benchmark wraps the script's PPOTrainer only to add a timing callback, swap in the varlen prompts,
+hook the padding probe and skip what the script does after training (save_model, generate_completions); the command line sets batch size (8), response length, PPO epochs (2), stop token
 (eos), run length (total_episodes), reporting (report_to none, logging_steps 1, save_strategy no,
 num_sample_generations 0, no tqdm), use_cpu, bf16 False (fp32) and seed 0: everything else is each
 library's default. Gradient checkpointing is left at each side's default behaviour: TRL 1.12's PPO loop
@@ -36,14 +36,19 @@ never enables it (its config's True is not acted on); ours decides from its memo
 decision is in the note column (--gradient-checkpointing off passes False to both sides).
 
 Time: median wall time per PPO step after the first (TrainerCallback on_train_begin / on_step_end; the
-rollout, scoring and update are inside, the script's final save_model and generate_completions are not),
+rollout, scoring and update are inside),
 20/80 percentiles (min/max below 5 timed steps), from a run with the default allocator. Memory: peak RSS
 above the post-import baseline from a second, shorter run with MALLOC_MMAP_THRESHOLD_=65536 (the peak comes
 in the first step); on CUDA one run gives both. Padding: a forward hook on the reward model's input
 embedding counts pad tokens / tokens of every scoring batch during training (the padding that side
-computes on) and reads each row's response length. Modes: quick (default: 2 steps, 1 timed; 1-step memory
-run, none for varlen), --full (6 steps, 5 timed; 2-step memory run), --smoke (tiny shapes, 2 steps: checks
-that every side runs, numbers mean nothing).
+computes on) and reads each row's response length.
+Modes: quick (default; run_all's): 2 steps (1 timed) and a 1-step memory run at the 0.5B width; 2 steps and
+no memory run for varlen, without the token-budget side; toy V=32000 only, 3 steps. --full: 6 steps (5
+timed) and a 2-step memory run; toy V=32000 and 1000, 8 steps. --smoke: tiny shapes, 2 steps, nothing
+appended to the CSV (checks that every side runs; the numbers mean nothing).
+Durations on an idle 2-core CPU (estimated from component timings, see the README): quick about 11 minutes
+(0.5b 6, varlen 3.5, toy 1.5; +1.2 once the padding-free side runs), --full about 36 minutes (0.5b 13,
+varlen 20 with all four sides, toy 3).
 """
 from __future__ import annotations
 
@@ -111,6 +116,7 @@ class Workload:
     eos_share: float | None = None  # expected response / response, set through the EOS row (None: untouched)
     num_prompts: int = 64
     budget: int = TOKEN_BUDGET
+    full_only: tuple[str, ...] = ()  # sides left out of the quick mode
 
     @property
     def label(self) -> str:
@@ -124,7 +130,7 @@ WORKLOADS = {
     "0.5b": Workload("0.5b", "0.5b", 32000, 64, FIXED),
     "varlen": Workload("varlen", "mid", 32000, 256,
                        ("trl", "rlhf_fast-padded", "rlhf_fast-packed", "rlhf_fast-packed-budget"),
-                       prompt_range=(8, 256), eos_share=0.5),
+                       prompt_range=(8, 256), eos_share=0.5, full_only=("rlhf_fast-packed-budget",)),
     "toy": Workload("toy", "toy", 32000, 64, FIXED),
     "toy-v1000": Workload("toy-v1000", "toy", 1000, 64, FIXED),
 }
@@ -341,8 +347,11 @@ def side(provider: str, workload_name: str, steps: int, model_dir: str, device: 
             _release(kw.pop("value_model", None))
         probe.prompt_len = PaddingProbe(list(kw["train_dataset"]["input_ids"]), w.response).prompt_len
         kw["reward_model"].get_input_embeddings().register_forward_hook(probe)
-        made.append(real_trainer(callbacks=[Clock()], **kw))
-        return made[-1]
+        trainer = real_trainer(callbacks=[Clock()], **kw)
+        # what the script does after training (save the policy, sample completions) is not timed: skip it
+        trainer.save_model = trainer.generate_completions = lambda *a, **k: None
+        made.append(trainer)
+        return trainer
 
     mod.PPOTrainer = make_trainer
     out = tempfile.mkdtemp(prefix=f"bench_ppo_{provider}_")
@@ -442,7 +451,8 @@ def main(argv=None) -> list[dict]:
         steps = args.steps or (8 if toy and args.full else 3 if toy else 6 if args.full else 2)
         mem_steps = args.mem_steps if args.mem_steps is not None else (
             steps if toy else 2 if args.full else 0 if w.prompt_range and not args.smoke else 1)
-        r, s = run_workload(w, steps, mem_steps, args.device, args.smoke, args.providers, args.gradient_checkpointing)
+        providers = args.providers or [p for p in w.providers if args.full or args.smoke or p not in w.full_only]
+        r, s = run_workload(w, steps, mem_steps, args.device, args.smoke, providers, args.gradient_checkpointing)
         rows += r
         summary += s
     print_table(rows, cols=("shape", "provider", "time_ms", "time_p20_ms", "time_p80_ms", "mem_bytes", "note"))

@@ -4,8 +4,8 @@
 
 The realistic workloads come first (HEADLINE: PPO end to end at the 0.5B width and the variable-length
 workload, then the toy PPO rows; DPO at the 0.5B width, then toy; decode against its floor), then the
-op-level benchmarks. Quick mode runs fewer steps, not smaller models: about 30 minutes on a 2-core CPU
-(README "Benchmarks"); --full about 3.5 hours there.
+op-level benchmarks. Quick mode runs fewer steps, not smaller models: about 22 minutes on an idle 2-core
+CPU (estimated, README "Benchmarks"); with --full the realistic workloads alone take about 50 minutes there.
 """
 from __future__ import annotations
 
