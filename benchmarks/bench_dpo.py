@@ -1,9 +1,10 @@
 """DPO: rlhf_fast's DPOTrainer against TRL 1.12's DPOTrainer on the same model and preference data.
 
-    python -m benchmarks.bench_dpo [--full] [--device cuda] [--steps N] [--vocab 32000 1000]
+    python -m benchmarks.bench_dpo [--full | --smoke] [--shape 0.5b toy] [--device cuda] [--steps N] [--vocab 32000]
 
-Model: docs/design.md's toy Qwen2 (hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads, untied
-embeddings, vocab 32000 by default), random init, fp32. Data: synthetic preference rows over a word-level
+Models (docs/design.md "Benchmarks"): the 0.5B-width Qwen2 (hidden 896, intermediate 4864, 12 layers, 14 heads,
+2 KV heads; the headline) and the toy one (hidden 128, intermediate 256, 2 layers, 4 heads, 2 KV heads;
+labelled toy), untied embeddings, vocab 32000 by default, random init, fp32. Data: synthetic preference rows over a word-level
 tokenizer (one word = one token), so both libraries see exactly the same token ids: prompts of 4-12
 tokens, chosen and rejected responses of 64 tokens each (63 random tokens + EOS). Batch 8 pairs per
 step (16 sequences), AdamW, lr 5e-5 linear, grad clip 1.0, beta 0.1, loss "sigmoid", one log line per step.
@@ -17,6 +18,10 @@ Time = median seconds per optimizer step after the first (wall clock between on_
 reference precomputation, data preparation and saving happen outside that window on every side).
 With --repeats N the sides run round-robin N times and each keeps its fastest run. The note column
 carries the median process CPU time per step (less sensitive to a shared machine's load than wall time).
+Steps per side: toy 8 (--full 20); 0.5B width 2 (--full 6): the first is not timed; memory from a second,
+shorter run (1 step; --full 2) with MALLOC_MMAP_THRESHOLD_. --smoke: a tiny model, 2 steps (checks that every
+side runs; numbers mean nothing, nothing is appended to the CSV). Durations on an idle 2-core CPU (estimated):
+quick 0.5B 3.5 minutes + toy 1.5; --full 0.5B 7 minutes + toy 2.5.
 """
 from __future__ import annotations
 
@@ -24,19 +29,21 @@ import argparse
 import copy
 import os
 import random
-import statistics
+import shutil
 import tempfile
-import time
 
 from benchmarks.common import (
+    SHAPE_LABELS,
     append_rows,
+    bench_model_dir,
+    clock,
     make_row,
     print_table,
     ratio,
-    tiny_qwen2_config,
-    word_tokenizer,
+    run_side,
+    step_stats,
+    write_models,
 )
-from rlhf_fast.measure import run_timed_and_measured
 
 try:  # imported before the memory baseline, so both sides carry the same libraries
     import torch
@@ -59,21 +66,9 @@ BATCH, RESPONSE, BETA, LR = 8, 64, 0.1, 5e-5
 PROVIDERS = ("trl-precompute", "trl", "rlhf_fast")
 
 
-def _model_dir(root: str, vocab: int) -> str:
-    """Write the tiny Qwen2 and a word-level tokenizer once; return the dir.
-
-    Special tokens <pad> = 0, <unk> = 1, <eos> = 2, words t3 ... t{vocab-1}. (Special tokens are matched
-    before pre-tokenization, so they must not be prefixes of words: "t2" as EOS would split "t27" in two.)"""
-    from transformers import Qwen2ForCausalLM
-
-    path = os.path.join(root, f"tiny_qwen2_v{vocab}")
-    if os.path.isdir(path):
-        return path
-    tok, cfg = word_tokenizer(vocab), tiny_qwen2_config(vocab)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def _model_dir(shape: str, vocab: int) -> str:
+    """The policy (Qwen2 of ``shape``, random init) and its word-level tokenizer, written once; its directory."""
+    return os.path.join(write_models(bench_model_dir(f"dpo_{shape}_v{vocab}"), shape, vocab, reward=False), "sft")
 
 
 def preference_rows(vocab: int, n: int, seed: int = 1234) -> list[dict]:
@@ -86,21 +81,6 @@ def preference_rows(vocab: int, n: int, seed: int = 1234) -> list[dict]:
              "rejected": " " + words(RESPONSE - 1) + " <eos>"} for _ in range(n)]
 
 
-def _clock() -> tuple[float, float]:
-    """(wall, process CPU) seconds: CPU time per step is far less sensitive to other users of the machine."""
-    return time.perf_counter(), time.process_time()
-
-
-def _step_stats(stamps: list[tuple[float, float]]) -> dict:
-    intervals = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]  # step 2, 3, ...: the first step is not timed
-    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
-    if not intervals:
-        return {"error": "fewer than 2 steps ran"}
-    q = statistics.quantiles(intervals, n=5) if len(intervals) >= 2 else [intervals[0]] * 4
-    return {"time_ms": statistics.median(intervals) * 1e3, "time_p20_ms": q[0] * 1e3, "time_p80_ms": q[3] * 1e3,
-            "cpu_ms": statistics.median(cpu) * 1e3, "timed_steps": len(intervals)}
-
-
 def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "cpu") -> dict:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -110,7 +90,14 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     out = tempfile.mkdtemp(prefix=f"bench_dpo_{provider}_")
-    stamps: list[tuple[float, float]] = []
+    try:
+        return _train(provider, policy, tok, rows, steps, model_dir, out, device)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _train(provider, policy, tok, rows, steps, model_dir, out, device) -> dict:
+    stamps = [clock()]  # the first interval (trainer set-up, reference log-probs, step 1) is not timed
     if provider == "rlhf_fast":
         from rlhf_fast.stages.dpo import DPOConfig, DPOTrainer
 
@@ -119,8 +106,8 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
                         learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=1.0, max_steps=steps,
                         logging_steps=1, eval_fraction=0.0, max_length=1024, disable_tqdm=True, seed=0)
         trainer = DPOTrainer(cfg, policy, tok, train_dataset=rows)
-        result = trainer.train(on_step_end=lambda step: stamps.append(_clock()))
-        stats = _step_stats(stamps)
+        result = trainer.train(on_step_end=lambda step: stamps.append(clock()))
+        stats = step_stats(stamps)
         stats["train_loss"] = result.metrics["train_loss"]
         return stats
     if TRLDPOTrainer is None:
@@ -130,7 +117,7 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
-            stamps.append(_clock())
+            stamps.append(clock())
 
     args = TRLDPOConfig(output_dir=out, use_cpu=device == "cpu", bf16=False, per_device_train_batch_size=BATCH,
                         gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=1.0,
@@ -141,7 +128,7 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
     trainer = TRLDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                             processing_class=tok, callbacks=[Clock()])
     trainer.train()
-    stats = _step_stats(stamps)
+    stats = step_stats(stamps)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     stats["train_loss"] = losses[-1] if losses else None
     return stats
@@ -149,8 +136,11 @@ def side(provider: str, vocab: int, steps: int, model_dir: str, device: str = "c
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="more steps")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="more steps")
+    mode.add_argument("--smoke", action="store_true", help="a tiny model, 2 steps: check that every side runs")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", nargs="*", default=["0.5b", "toy"], choices=["0.5b", "toy"])
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (the first is not timed)")
     ap.add_argument("--vocab", type=int, nargs="*", default=[32000])
     ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
@@ -158,29 +148,31 @@ def main(argv=None) -> list[dict]:
                     help="run the sides round-robin this many times and keep each side's fastest run (a shared, "
                          "noisy machine: the load then hits every side alike)")
     args = ap.parse_args(argv)
-    steps = args.steps or (20 if args.full else 8)
+    cases = [("smoke", 512)] if args.smoke else [(shape, vocab) for shape in args.shape for vocab in args.vocab]
     rows, summary = [], []
-    root = tempfile.mkdtemp(prefix="bench_dpo_models_")
-    for vocab in args.vocab:
-        model_dir = _model_dir(root, vocab)
+    for shape, vocab in cases:
+        toy = shape in ("toy", "smoke")
+        steps = args.steps or (2 if args.smoke else (20 if args.full else 8) if toy else (6 if args.full else 2))
+        mem_steps = None if toy else (2 if args.full else 1)
+        model_dir = _model_dir(shape, vocab)
         res: dict[str, dict] = {}
         for _ in range(max(1, args.repeats)):
             for p in args.providers:
-                r = run_timed_and_measured("benchmarks.bench_dpo:side", provider=p, vocab=vocab, steps=steps,
-                                           model_dir=model_dir, device=args.device)
+                r = run_side("benchmarks.bench_dpo:side", steps, mem_steps, args.device, provider=p, vocab=vocab,
+                             model_dir=model_dir, timeout=4 * 3600)
                 if p not in res or r.get("time_ms", float("inf")) < res[p].get("time_ms", float("inf")):
                     res[p] = r
-        shape = f"B={BATCH} pairs, resp={RESPONSE}, V={vocab}"
+        label = f"{SHAPE_LABELS[shape]} B={BATCH} pairs, resp={RESPONSE}, V={vocab}"
         for p, r in res.items():
             pairs_per_s = BATCH / (r["time_ms"] * 1e-3) if "time_ms" in r else None
-            note = f"cpu_ms={r['cpu_ms']:.0f}" if "cpu_ms" in r else ""
-            rows.append(make_row("dpo", "dpo_step", shape, "float32", p, r, args.device, pairs_per_s, "pairs/s", note))
+            note = f"cpu_ms={r['cpu_ms']:.0f}; {r['timed_steps']} timed steps" if "cpu_ms" in r else ""
+            rows.append(make_row("dpo", "dpo_step", label, "float32", p, r, args.device, pairs_per_s, "pairs/s", note))
         ours = res.get("rlhf_fast", {})
         for base in [p for p in res if p != "rlhf_fast"]:
             b = res[base]
-            line = (f"[V={vocab}] vs {base}: time ours/{base} = {ratio(ours.get('time_ms'), b.get('time_ms'))} "
-                    f"(speed-up {ratio(b.get('time_ms'), ours.get('time_ms'))}x; CPU time "
-                    f"{ratio(b.get('cpu_ms'), ours.get('cpu_ms'))}x), memory ours/{base} = "
+            line = (f"[{SHAPE_LABELS[shape]} V={vocab}] vs {base}: time ours/{base} = "
+                    f"{ratio(ours.get('time_ms'), b.get('time_ms'))} (speed-up {ratio(b.get('time_ms'), ours.get('time_ms'))}x; "
+                    f"CPU time {ratio(b.get('cpu_ms'), ours.get('cpu_ms'))}x), memory ours/{base} = "
                     f"{ratio(ours.get('mem_bytes'), b.get('mem_bytes'))}")
             if "error" in b:
                 line += f"  [{base} skipped: {b['error']}]"
@@ -188,7 +180,8 @@ def main(argv=None) -> list[dict]:
     print_table(rows)
     for line in summary:
         print(line)
-    append_rows(rows)
+    if not args.smoke:
+        append_rows(rows)
     return rows
 
 

@@ -1,8 +1,10 @@
 """benchmarks/results/SUMMARY.md from results.csv: ours / baseline ratios of time and memory.
 
 For every (benchmark, op, shape, dtype, device) the newest row of each provider is kept; the baseline
-is the first present of trl, naive, torch, hf; every provider whose name starts with rlhf_fast is
-compared with it. Ratios below 1 mean ours is faster / leaner.
+is the first present of trl, naive, torch, hf (the Hugging Face module a fused op replaces), floor (decode:
+the bandwidth floor); every provider whose name starts with rlhf_fast is compared with it. Ratios below 1
+mean ours is faster / leaner. The realistic workloads (0.5B width, variable length) are listed first, toy
+and op-level rows after them.
 
     python -m benchmarks.summary [--csv FILE] [--out FILE]
 """
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS_CSV, RESULTS_DIR
 
-BASELINES = ("trl", "naive", "torch", "hf")  # hf: the Hugging Face module a fused op replaces
+BASELINES = ("trl", "naive", "torch", "hf", "floor")  # hf: the Hugging Face module a fused op replaces
+REALISTIC = ("0.5B-width", "variable-length")
 
 
 def _num(s):
@@ -47,7 +50,8 @@ def summarize(csv_path: Path) -> str:
         "| benchmark | op | shape | dtype | ours | baseline | time ratio | memory ratio | ours time (ms) | device |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (bench, op, shape, dtype, device), prov in groups.items():
+    realistic_first = sorted(groups.items(), key=lambda kv: not kv[0][2].startswith(REALISTIC))
+    for (bench, op, shape, dtype, device), prov in realistic_first:
         base_name = next((b for b in BASELINES if b in prov), None)
         if base_name is None:  # a pinned TRL version as the provider (bench_grpo: "trl==1.16.0")
             base_name = next((p for p in prov if p.startswith("trl==")), None)
