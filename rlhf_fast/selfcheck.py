@@ -84,8 +84,6 @@ def ensure_extension() -> str:
 
 # ----------------------------------------------------------------------------- op cases
 def _max_err(a, b) -> float:
-    import torch
-
     if a.numel() == 0:
         return 0.0
     return float((a.detach().float() - b.detach().float()).abs().max())
@@ -351,18 +349,17 @@ def run_op_checks(device: str, backend: str, size: str, dtypes=None, timings: bo
 
 
 # ----------------------------------------------------------------------------- peaks, packing, PPO step
-def measure_peaks(device: str) -> dict:
-    """Achieved device-to-device copy bandwidth (1 GiB) and bf16 matmul throughput (8192^3)."""
+def measure_peaks(device: str, copy_elems: int = 2 ** 28, n: int = 8192) -> dict:
+    """Achieved device-to-device copy bandwidth (1 GiB of fp32) and bf16 matmul throughput (n^3)."""
     import torch
 
     from rlhf_fast.measure import time_fn
 
-    a = torch.empty(2 ** 28, dtype=torch.float32, device=device)
+    a = torch.empty(copy_elems, dtype=torch.float32, device=device)
     b = torch.empty_like(a)
     t = time_fn(lambda: b.copy_(a), warmup=3, repeats=20, device=device)["time_ms"] / 1e3
     gbs = 2 * a.nbytes / t / 1e9
-    del a, b
-    n = 8192
+    a = b = None  # free the copy buffers before the matmul
     x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     t = time_fn(lambda: x @ x, warmup=3, repeats=20, device=device)["time_ms"] / 1e3
     return {"GB/s": gbs, "TFLOP/s": 2 * n ** 3 / t / 1e12}
@@ -405,9 +402,9 @@ def check_packing(device: str) -> Check:
                   "unsupported": reason})
 
 
-def ppo_step_0p5b(device: str, steps: int = 3) -> list[Check]:
-    """One PPO micro-step (shared layout, fused backbone, AdamW) on a random 0.5B-width Qwen2: tokens/s,
-    and its measured memory components against the predictor's."""
+def ppo_step_0p5b(device: str, steps: int = 3, config=None, lengths: tuple[int, int] | None = None) -> list[Check]:
+    """One PPO micro-step (shared layout, fused backbone, AdamW) on a random 0.5B-width Qwen2 (or ``config``):
+    tokens/s, and its measured memory components against the predictor's."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -418,9 +415,10 @@ def ppo_step_0p5b(device: str, steps: int = 3) -> list[Check]:
 
     cuda = device.startswith("cuda")
     dtype_name = "bf16" if cuda else "fp32"
-    cfg = _tiny_config(hidden_size=896, intermediate_size=4864, num_hidden_layers=12, num_attention_heads=14,
-                       num_key_value_heads=2, vocab_size=32000)
-    setup = Setup(batch=8, prompt_len=64 if cuda else 8, response_len=448 if cuda else 56, dtype=dtype_name,
+    cfg = config or _tiny_config(hidden_size=896, intermediate_size=4864, num_hidden_layers=12,
+                                 num_attention_heads=14, num_key_value_heads=2, vocab_size=32000)
+    P, R = lengths or ((64, 448) if cuda else (8, 56))
+    setup = Setup(batch=8, prompt_len=P, response_len=R, dtype=dtype_name,
                   fused_backbone=True, device="cuda" if cuda else "cpu")
     measured = measure_micro_step(cfg, setup, device=device)
     with torch.device("meta"):
@@ -460,7 +458,8 @@ def ppo_step_0p5b(device: str, steps: int = 3) -> list[Check]:
         opt.zero_grad(set_to_none=True)
 
     t = time_fn(step, warmup=1, repeats=steps, device=device)
-    checks.append(Check("ppo_step", f"PPO step 0.5B-width {dtype_name} B={B} T={P + R}", True,
+    width = "0.5B-width" if config is None else f"hidden {cfg.hidden_size}"
+    checks.append(Check("ppo_step", f"PPO step {width} {dtype_name} B={B} T={P + R}", True,
                         {"step_ms": t["time_ms"], "tokens_per_s": B * (P + R) / (t["time_ms"] / 1e3)}))
     return checks
 
@@ -506,6 +505,25 @@ def _driver_version() -> str | None:
 
 
 # ----------------------------------------------------------------------------- the run
+def gpu_op_checks(device: str, size: str, peaks: dict, backend: str = "triton",
+                  peak_sizes: tuple[int, int] = (2 ** 28, 8192)) -> list[Check]:
+    """The CUDA branch: measured peaks, then every Triton kernel in bf16, fp16 and fp32 with timings.
+    Runs on CPU tensors too (``device="cpu"``, small sizes) in a ``TRITON_INTERPRET=1`` process."""
+    import torch
+
+    from rlhf_fast import _backend
+
+    if backend == "triton" and not _backend.HAS_TRITON:
+        return [Check("ops", "triton", False, {"error": _backend.TRITON_IMPORT_ERROR})]
+    try:
+        peaks.update(measure_peaks(device, *peak_sizes))
+        checks = [Check("peaks", "copy bandwidth and bf16 matmul", True, dict(peaks))]
+    except Exception as exc:
+        checks = [Check("peaks", "copy bandwidth and bf16 matmul", False, {"error": repr(exc)[:300]})]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    return checks + run_op_checks(device, backend, size, dtypes, timings=True, peaks=peaks)
+
+
 def run_selfcheck(quick: bool = False, device: str | None = None, log=print) -> dict:
     """Everything this machine can check; returns the report dict (``report["ok"]`` is the verdict)."""
     t0 = time.perf_counter()
@@ -535,13 +553,7 @@ def run_selfcheck(quick: bool = False, device: str | None = None, log=print) -> 
     for b in (["cpp"] if _backend.HAS_EXT else []) + ["torch"]:
         add(run_op_checks("cpu", b, "tiny", [torch.float32, torch.bfloat16]))
     if cuda:
-        guarded("peaks", "measured peaks", lambda: Check("peaks", "copy bandwidth and bf16 matmul", True,
-                                                          peaks.update(measure_peaks(device)) or dict(peaks)))
-        dtypes = [torch.bfloat16, torch.float16, torch.float32]
-        if _backend.HAS_TRITON:
-            add(run_op_checks(device, "triton", "cuda-quick" if quick else "cuda", dtypes, timings=True, peaks=peaks))
-        else:
-            add(Check("ops", "triton", False, {"error": _backend.TRITON_IMPORT_ERROR}))
+        add(gpu_op_checks(device, "cuda-quick" if quick else "cuda", peaks))
     guarded("packing", "packed == padded", lambda: check_packing(device))
     if not quick:
         guarded("ppo_step", "PPO step 0.5B-width", lambda: ppo_step_0p5b(device))
