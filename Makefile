@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.rlhf_fast-installed
 export TRITON_DEFAULT_FP_FUSION ?= 1
 
-.PHONY: install test test-fast demo bench kernel-report ext clean
+.PHONY: install test test-fast demo bench kernel-report gpu-check ext clean
 
 install: $(STAMP)
 
@@ -39,6 +39,12 @@ bench: $(STAMP)
 
 kernel-report: $(STAMP)
 	$(PY) -m rlhf_fast.testing.aot --write benchmarks/results/kernel_resources.md
+
+# On a GPU: every Triton kernel against its reference at realistic shapes, timings, packing, a 0.5B PPO step.
+# Runs from a source checkout with the image's python3 too: python3 -m rlhf_fast.cli selfcheck
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m rlhf_fast.cli selfcheck \
+		--json benchmarks/results/selfcheck.json --markdown benchmarks/results/selfcheck.md
 
 clean:
 	rm -rf build *.egg-info rlhf_fast/_C*.so

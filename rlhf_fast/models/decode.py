@@ -336,6 +336,34 @@ class LeanDecoder:
         self.length = t + 1
         return self._logits(h)
 
+    def step_static(self, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``step`` with static shapes, for ``torch.compile(fullgraph=True)`` and CUDA graphs: the cache
+        column ``t`` is a 0-dim int64 tensor (the caller advances it: ``t += 1``), attention runs over the
+        whole static cache with columns after ``t`` masked, and nothing branches on data. Needs a rope type
+        with fixed frequencies (``self.rope_table``); gives the logits ``step`` gives."""
+        B, L = tokens.shape[0], self.key_mask.shape[1]
+        D, nh, nkv, group = self.head_dim, self.n_heads, self.n_kv, self.group
+        cos_t, sin_t = self.rope_table
+        cos, sin_s = cos_t[self.next_pos].unsqueeze(1), sin_t[self.next_pos].unsqueeze(1)  # [B, 1, D]
+        self.next_pos.add_(1)
+        cols = torch.arange(L, device=tokens.device)
+        key_mask = (self.key_mask & (cols <= t))[:, None, None, :]  # [B, 1, 1, L]
+        col = t.reshape(1)
+        h = F.embedding(tokens, self.embed_weight)
+        for i, (ln1, q_proj, k_proj, v_proj, o_proj, ln2, gate, up, down) in enumerate(self.layers):
+            x = _rms_norm(h, ln1)
+            q = F.linear(x, q_proj.weight, q_proj.bias).view(B, nh, D)
+            k = F.linear(x, k_proj.weight, k_proj.bias).view(B, nkv, D)
+            v = F.linear(x, v_proj.weight, v_proj.bias).view(B, nkv, D)
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            k_cache.index_copy_(2, col, _rope(k, cos, sin_s).unsqueeze(2).to(k_cache.dtype))
+            v_cache.index_copy_(2, col, v.unsqueeze(2).to(v_cache.dtype))
+            q = _rope(q, cos, sin_s).view(B, nkv, group, D)
+            a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=key_mask, scale=self.scale)
+            h = h + F.linear(a.view(B, nh * D), o_proj.weight, o_proj.bias)
+            h = h + self._mlp(_rms_norm(h, ln2), gate, up, down)
+        return self._logits(h)
+
     @staticmethod
     def _mlp(x, gate, up, down):
         g = F.silu(F.linear(x, gate.weight, gate.bias))

@@ -333,3 +333,23 @@ def test_large_head_with_few_rows_takes_the_transposed_product_and_matches_hf():
     ids, mask = _batch(seed=2)
     with torch.inference_mode():
         assert_close(_lean_logits(model, ids, mask), _hf_full_logits(model, ids, mask), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])  # inductor passes too (~45 s here): kept out of make test
+def test_static_step_compiles_fullgraph_and_equals_eager_token_by_token(backend):
+    """step_static: one graph (fullgraph=True), the same logits as the eager step at every token."""
+    model = _model("qwen2")
+    ids, mask = _batch()
+    steps = 5
+    eager, static = LeanDecoder(model, steps), LeanDecoder(model, steps)
+    torch._dynamo.reset()
+    compiled = torch.compile(static.step_static, fullgraph=True, backend=backend, dynamic=False)
+    with torch.no_grad():
+        assert_close(eager.prefill(ids, mask), static.prefill(ids, mask), torch.float32)
+        t = torch.tensor(static.length)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(steps):
+            tokens = torch.randint(0, model.config.vocab_size, (ids.shape[0],), generator=g)
+            a, b = eager.step(tokens), compiled(tokens, t)
+            t += 1
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
