@@ -1,22 +1,15 @@
 """``rlhf-fast selfcheck``: every fused op against its torch reference, on this machine, in one command.
 
-On CPU it checks the C++ backend (and the dispatcher's choice) at tiny shapes; on CUDA the Triton
-kernels at realistic shapes and dtypes (bf16, fp16, fp32; log-probs at 16k tokens x 152k vocabulary
-without materialising the logits, GAE at 512 x 4096, ...), with timings against eager torch (and
-Liger-Kernel when installed) and achieved bandwidth / FLOP/s as a fraction of a measured peak (a large
-copy and a bf16 matmul). Then packed against padded forwards, one end-to-end PPO step on a random
-0.5B-width model (tokens/s, memory against ``rlhf_fast.memory``'s prediction; more than 15% off is a
-mismatch; not in ``--quick``) and the environment.
-
-Pass or fail never depends on a timing. A kernel passes when its error against an fp32 reference is
-at most twice that of the torch reference run in the same dtype, plus a small floor.
-
-The CUDA branch is a plain function of ``(device, backend, size)``: tests run it on CPU tensors with
-``backend="triton"`` at small shapes in a ``TRITON_INTERPRET=1`` process (``run_op_checks``).
-
-It imports only torch, triton, transformers and this package (no datasets, yaml or matplotlib), so it
-runs from a source checkout on a bare GPU image; a missing C++ extension is built in place when
-``setup.py`` is next to the package, or the run goes on without it.
+CPU: the C++ backend at tiny shapes. CUDA: the Triton kernels at realistic shapes and dtypes (bf16, fp16,
+fp32; log-probs at 16k tokens x 152k vocabulary without materialising the logits, GAE at 512 x 4096, ...),
+timed against eager torch (and Liger-Kernel when installed), with bandwidth / FLOP/s as a fraction of a
+measured peak. Then packed against padded forwards, one PPO step on a random 0.5B-width model (tokens/s,
+memory against ``rlhf_fast.memory``'s prediction, more than 15% off is a mismatch; not in ``--quick``)
+and the environment. Pass or fail never depends on a timing: a kernel passes when its error against an
+fp32 reference is at most twice that of torch in the same dtype, plus a small floor. The CUDA branch is
+a function of ``(device, backend, size)``: tests run it on CPU tensors with ``backend="triton"`` under
+``TRITON_INTERPRET=1``. It imports only torch, triton, transformers and this package, so it runs from a
+source checkout on a bare GPU image (a missing C++ extension is built in place, or the run goes on without).
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ LAYERS = {
     "memory": 2.5,
     "trainer": 3,
     "stages": 4,
+    "selfcheck": 4.5,
     "cli": 5, "testing": 5, "__init__": 5, "__main__": 5,
 }
 # Same rank, but sideways: neither may import the other.
