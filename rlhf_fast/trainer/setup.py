@@ -181,16 +181,17 @@ def plan_batches(args, world_size: int, num_prompts: int) -> BatchPlan:
     return BatchPlan(a.batch_size // a.num_generations, freq)
 
 
-def new_trainer_state(args, num_prompts: int, is_main: bool):
-    """A transformers TrainerState for a fresh run, with TRL's OnlineTrainerState ``episode`` and the step
-    counts (logging/save steps given as a ratio < 1 become a share of max_steps, as in TRL)."""
+def new_trainer_state(args, max_steps: int, num_train_epochs: float, is_main: bool):
+    """A transformers TrainerState for a fresh run of ``max_steps`` steps, with TRL's OnlineTrainerState
+    ``episode`` and the step counts (logging/save steps given as a ratio < 1 become a share of max_steps,
+    as in TRL)."""
     from transformers import TrainerState
 
     state = TrainerState()
     state.episode = 0
     state.is_local_process_zero = state.is_world_process_zero = is_main
-    state.max_steps = args.num_total_batches
-    state.num_train_epochs = args.total_episodes / (num_prompts * args.num_generations)
+    state.max_steps = max_steps
+    state.num_train_epochs = num_train_epochs
     state.logging_steps = math.ceil(args.logging_steps * state.max_steps) if args.logging_steps < 1 \
         else int(args.logging_steps)
     state.save_steps = math.ceil(args.save_steps * state.max_steps) if args.save_steps < 1 else int(args.save_steps)
