@@ -71,10 +71,9 @@ GRPO_WARNED = {
 # What rlhf_fast always does: log-probs accumulate in fp32 (the fused LM head), dropout is off in every
 # model (PPO ratios are 1 on-policy), the dataset's columns all reach the reward functions.
 GRPO_NO_OP = {"cast_lm_head_to_fp32", "disable_dropout", "remove_unused_columns"}
-# TrainingArguments fields GRPO reads beyond PPOConfig's honoured ones (eval: TRL's per-step evaluation is
-# not run; its fields warn, as for PPOConfig).
-GRPO_TRAINING_ARGUMENTS = (HONOURED_TRAINING_ARGUMENTS - {"per_device_eval_batch_size", "eval_steps"}) | {
-    "remove_unused_columns"}
+# The TrainingArguments fields GRPOTrainer reads: PPOConfig's honoured ones but the evaluation fields (TRL's
+# per-step evaluation is not run here; eval_steps and per_device_eval_batch_size warn, as eval_strategy does).
+GRPO_TRAINING_ARGUMENTS = HONOURED_TRAINING_ARGUMENTS - {"per_device_eval_batch_size", "eval_steps"}
 
 
 @dataclass
