@@ -36,7 +36,7 @@ from rlhf_fast.trainer.logging import should_log
 from rlhf_fast.trainer.ppo import PPOTrainer
 from rlhf_fast.trainer.ppo_step import ResponseMasks
 from rlhf_fast.trainer.rollout import Rollout
-from rlhf_fast.trainer.setup import build_policy_value, load_classifier
+from rlhf_fast.trainer.setup import build_policy_value, load_classifier, setup_runtime, setup_training
 
 __all__ = ["GRPOTrainer", "Generation"]
 
@@ -96,7 +96,7 @@ class GRPOTrainer(PPOTrainer):
             args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-GRPO")
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a rlhf_fast GRPOConfig, got {type(args).__name__}")
-        self._init_runtime(args)
+        setup_runtime(self, args)
         model = self._load_model(model, args)
         self.tokenizer = self._processing_class(processing_class, model)
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -146,7 +146,7 @@ class GRPOTrainer(PPOTrainer):
         ga = args.gradient_accumulation_steps
         steps_per_epoch = max(-(-self.micro_steps_per_epoch // ga), 1)
         total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-        self._init_training(optimizers, callbacks, total_steps=total, num_train_epochs=total / steps_per_epoch)
+        setup_training(self, optimizers, callbacks, total_steps=total, num_train_epochs=total / steps_per_epoch)
         self.kl_ctl = KLController("fixed", args.beta)
         self.spec = grpo_step.loss_spec(args)
         self.sample_generations_freq = 0

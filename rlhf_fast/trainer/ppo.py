@@ -33,25 +33,22 @@ from rlhf_fast.trainer.batching import (
     left_pad,
     prompt_token_lists,
 )
-from rlhf_fast.trainer.controllers import KLController, RunningMoments
+from rlhf_fast.trainer.controllers import KLController
 from rlhf_fast.trainer.distributed import (
     all_reduce_sum,
-    init_from_env,
-    limit_threads_per_rank,
-    rank_and_world_size,
 )
 from rlhf_fast.trainer.logging import MetricsLogger, should_log, step_metrics
-from rlhf_fast.trainer.optim import autocast_ctx, build_adamw, build_hf_scheduler
+from rlhf_fast.trainer.optim import autocast_ctx
 from rlhf_fast.trainer.ppo_config import PPOConfig
 from rlhf_fast.trainer.ppo_step import Advantages, RolloutForward
 from rlhf_fast.trainer.rollout import Rollout, prompt_seeds
 from rlhf_fast.trainer.setup import (
     build_policy_value,
     build_reward,
-    has_active_dropout,
-    new_trainer_state,
     plan_batches,
     resolve_stop_token,
+    setup_runtime,
+    setup_training,
 )
 from rlhf_fast.trainer.signals import StopSignal
 from rlhf_fast.trainer.trainer_api import TrainerAPI
@@ -83,7 +80,7 @@ class PPOTrainer(TrainerAPI):
             raise TypeError(f"args must be a rlhf_fast PPOConfig, got {type(args).__name__}")
         if ref_model is not None and ref_model is model:
             raise ValueError("model and ref_model cannot be the same object: pass a copy, or None")
-        self._init_runtime(args)
+        setup_runtime(self, args)
 
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required")
@@ -107,63 +104,13 @@ class PPOTrainer(TrainerAPI):
         self.prompts_per_step, self.sample_generations_freq = plan_batches(args, self.world_size, len(self.prompts))
         data_seed = args.seed if args.data_seed is None else args.data_seed
         self.sampler = PromptSampler(len(self.prompts), self.prompts_per_step, data_seed, self.rank, self.world_size)
-        self._init_training(optimizers, callbacks, total_steps=args.num_total_batches,
+        setup_training(self, optimizers, callbacks, total_steps=args.num_total_batches,
                             num_train_epochs=args.total_episodes / (len(self.prompts) * args.num_generations))
         self.kl_ctl = KLController(args.kl_controller, args.kl_coef, args.kl_target, args.kl_horizon)
         # When the first update is one micro-batch of the whole batch, its forward doubles as the rollout
         # forward (see _first_update_reuses_rollout_forward); False always runs the separate no-grad pass.
         self.reuse_rollout_forward = True
         self._completions_rows: list[dict] = []
-
-    # ------------------------------------------------------------------ construction, shared with GRPOTrainer
-    def _init_runtime(self, args) -> None:
-        """Seed, join the process group under torchrun (as TRL's accelerate does, with ddp_timeout), and pick
-        rank, world size, the reduction group and the device."""
-        from transformers import set_seed
-
-        self.args = args
-        set_seed(args.seed)
-        init_from_env(args.ddp_backend, timeout=args.ddp_timeout)
-        self.rank, self.world_size = rank_and_world_size()
-        self.is_main = self.rank == 0
-        # Whitening statistics and token counts are global: reduce over every rank.
-        self.group = torch.distributed.group.WORLD if self.world_size > 1 else None
-        self.device = torch.device("cpu") if args.use_cpu or not torch.cuda.is_available() else args.device
-        if self.world_size > 1:
-            limit_threads_per_rank(self.world_size)
-
-    def _init_training(self, optimizers, callbacks, *, total_steps: int, num_train_epochs: float) -> None:
-        """After ``self.model``: distributed wrapping, optimizer and LR schedule over ``total_steps``, the
-        trainer state, callbacks and the non-finite counters."""
-        args = self.args
-        # ---- distributed wrapping (FSDP2 replaces parameters: before the optimizer sees them)
-        self.optimizer, self.lr_scheduler = optimizers
-        fsdp = self.world_size > 1 and args.distributed_strategy == "fsdp2"
-        if self.optimizer is not None and fsdp:
-            raise ValueError("with distributed_strategy='fsdp2' the optimizer must be built after sharding: "
-                             "pass optimizers=(None, None) or (None, scheduler_factory)")
-        self.ddp_model = self._wrap_distributed()
-        if self.optimizer is None:
-            self.optimizer = build_adamw(self.model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                         fused_allowed=str(getattr(args.optim, "value", args.optim)) == "adamw_torch_fused"
-                                         and not fsdp)
-        if self.lr_scheduler is None:
-            self.lr_scheduler = build_hf_scheduler(
-                self.optimizer, args.lr_scheduler_type, total_steps=total_steps,
-                warmup_steps=args.warmup_steps, warmup_ratio=getattr(args, "warmup_ratio", None),
-                scheduler_kwargs=args.lr_scheduler_kwargs)
-        self.score_moments = RunningMoments()
-        from transformers import TrainerControl
-        from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
-
-        self.state = new_trainer_state(args, total_steps, num_train_epochs, self.is_main)
-        self.control = TrainerControl()
-        self.callback_handler = CallbackHandler([DefaultFlowCallback] + list(callbacks or []), self.model,
-                                                self.tokenizer, self.optimizer, self.lr_scheduler)
-        self.logger: MetricsLogger | None = None
-        self.nonfinite_steps = 0
-        self._dropout_free = not has_active_dropout(self.model)
 
     # ------------------------------------------------------------------ setup helpers
     def _note(self, msg: str) -> None:
