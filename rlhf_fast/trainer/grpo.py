@@ -238,10 +238,8 @@ class GRPOTrainer(PPOTrainer):
         micro = [self._next_micro_batch() for _ in range(a.gradient_accumulation_steps)]
         self.state.episode += sum(len(idx) for _, idx in micro) * self.world_size
         n_seqs = torch.tensor([float(sum(len(idx) for _, idx in micro) * self.world_size)], device=self.device)
-        if self.spec.count == "step_tokens":
-            count = all_reduce_sum(sum(g.masks.policy[idx].sum().float() for g, idx in micro).reshape(1), self.group)
-        else:  # dapo / cispo: num_items_in_batch x GA / steps_per_generation (TRL's normaliser)
-            count = micro[0][0].num_items * a.gradient_accumulation_steps / a.steps_per_generation
+        step_tokens = all_reduce_sum(sum(g.masks.policy[idx].sum().float() for g, idx in micro).reshape(1), self.group) \
+            if self.spec.count == "step_tokens" else None
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for k, (gen, idx) in enumerate(micro):
@@ -252,7 +250,10 @@ class GRPOTrainer(PPOTrainer):
                     self.ddp_model, gen.rollout.query_responses[idx],
                     ResponseMasks(gen.masks.attention[idx], gen.masks.policy[idx], gen.masks.value[idx]),
                     gen.advantages[idx], None if gen.old_logprobs is None else gen.old_logprobs[idx],
-                    None if gen.ref_logprobs is None else gen.ref_logprobs[idx], spec=self.spec, num_tokens=count,
+                    None if gen.ref_logprobs is None else gen.ref_logprobs[idx], spec=self.spec,
+                    # dapo / cispo: the micro-batch's generation's num_items_in_batch x GA / steps_per_generation
+                    num_tokens=step_tokens if step_tokens is not None else
+                    gen.num_items * a.gradient_accumulation_steps / a.steps_per_generation,
                     num_seqs=n_seqs, beta=a.beta, bias_correction_kl=a.use_bias_correction_kl,
                     temperature=a.temperature, top_entropy_quantile=a.top_entropy_quantile,
                     entropy_coef=a.entropy_coef, grad_accum=a.gradient_accumulation_steps,
