@@ -18,7 +18,6 @@ the non-finite guard and the distributed strategy. All are off (TRL's behaviour)
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +26,7 @@ from transformers import TrainingArguments
 from rlhf_fast.trainer.ppo_config import (
     HONOURED_TRAINING_ARGUMENTS,
     SCRIPT_TRAINING_ARGUMENTS,
-    SUPPORTED_OPTIMIZERS,
-    refuse_rejected_training_arguments,
+    finish_post_init,
     unused_training_arguments,
 )
 
@@ -221,21 +219,8 @@ class GRPOConfig(TrainingArguments):
             if getattr(self, name) != default:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r} is not supported by rlhf_fast's "
                                  f"GRPOTrainer: {why}")
-        refuse_rejected_training_arguments(self, "GRPOTrainer")
-        if self.optim not in SUPPORTED_OPTIMIZERS and str(getattr(self.optim, "value", self.optim)) not in SUPPORTED_OPTIMIZERS:
-            raise ValueError(f"optim={self.optim!r} is not supported; use one of {sorted(SUPPORTED_OPTIMIZERS)}")
-        decide_checkpointing = self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", None) is None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
-            super().__post_init__()
-        if decide_checkpointing:  # transformers turns "unset" into False; None means "decide from memory" here
-            self.gradient_checkpointing = None
-            if hasattr(self, "activation_checkpointing"):
-                self.activation_checkpointing = None
+        finish_post_init(self, "GRPOTrainer")
         self._batch_arithmetic()
-        for name, value in self.unsupported_settings().items():
-            warnings.warn(f"GRPOConfig.{name}={value!r} is not used by rlhf_fast's GRPOTrainer and has no effect",
-                          stacklevel=2)
 
     def _check_values(self) -> None:
         if self.loss_type == "vespo":
@@ -306,7 +291,8 @@ class GRPOConfig(TrainingArguments):
 
     def unsupported_settings(self) -> dict:
         """Fields set to a non-default value that this trainer does not read: {name: value}."""
-        out = unused_training_arguments(self, GRPOConfig, GRPO_TRAINING_ARGUMENTS | SCRIPT_TRAINING_ARGUMENTS)
+        out = unused_training_arguments(self, GRPOConfig,
+                                        GRPO_TRAINING_ARGUMENTS | SCRIPT_TRAINING_ARGUMENTS | GRPO_NO_OP)
         out.update({name: getattr(self, name) for name, default in GRPO_WARNED.items()
                     if getattr(self, name) != default})
         return out

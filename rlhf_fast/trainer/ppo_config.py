@@ -224,23 +224,7 @@ class PPOConfig(TrainingArguments):
         self._check_estimator()
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.optim not in SUPPORTED_OPTIMIZERS and str(getattr(self.optim, "value", self.optim)) not in SUPPORTED_OPTIMIZERS:
-            raise ValueError(f"optim={self.optim!r} is not supported; use one of {sorted(SUPPORTED_OPTIMIZERS)}")
-        refuse_rejected_training_arguments(self, "PPOTrainer")  # before transformers acts on them (imports, globals)
-        decide_checkpointing = self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", None) is None
-        with warnings.catch_warnings():
-            # A TRL script's explicit gradient_checkpointing trips transformers 5's rename warning.
-            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
-            super().__post_init__()
-        if decide_checkpointing:  # transformers turns "unset" into False; None means "decide from memory" here
-            self.gradient_checkpointing = None
-            if hasattr(self, "activation_checkpointing"):
-                self.activation_checkpointing = None
-        for name, value in self.unsupported_settings().items():
-            if name in REJECTED_TRAINING_ARGUMENTS:
-                continue
-            warnings.warn(f"PPOConfig.{name}={value!r} is not used by rlhf_fast's PPOTrainer and has no effect",
-                          stacklevel=2)
+        finish_post_init(self, "PPOTrainer")
 
     @property
     def resolved_position_rules(self) -> str:
@@ -344,6 +328,28 @@ def unused_training_arguments(cfg, config_class, read: set[str]) -> dict:
         if value != defaults[f.name] and value not in (None, [], {}, ""):
             out[f.name] = value
     return out
+
+
+def finish_post_init(cfg, trainer_name: str) -> None:
+    """The end of PPOConfig's and GRPOConfig's ``__post_init__``: the optimizer check and the refused fields
+    (before transformers acts on them: imports, globals), TrainingArguments' own post-init keeping an unset
+    gradient_checkpointing None ("decide from memory"), then a warning naming each field set but unused."""
+    if cfg.optim not in SUPPORTED_OPTIMIZERS and str(getattr(cfg.optim, "value", cfg.optim)) not in SUPPORTED_OPTIMIZERS:
+        raise ValueError(f"optim={cfg.optim!r} is not supported; use one of {sorted(SUPPORTED_OPTIMIZERS)}")
+    refuse_rejected_training_arguments(cfg, trainer_name)
+    decide_checkpointing = cfg.gradient_checkpointing is None and getattr(cfg, "activation_checkpointing", None) is None
+    with warnings.catch_warnings():
+        # A TRL script's explicit gradient_checkpointing trips transformers 5's rename warning.
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
+        TrainingArguments.__post_init__(cfg)
+    if decide_checkpointing:  # transformers turns "unset" into False; None means "decide from memory" here
+        cfg.gradient_checkpointing = None
+        if hasattr(cfg, "activation_checkpointing"):
+            cfg.activation_checkpointing = None
+    for name, value in cfg.unsupported_settings().items():
+        if name not in REJECTED_TRAINING_ARGUMENTS:
+            warnings.warn(f"{type(cfg).__name__}.{name}={value!r} is not used by rlhf_fast's {trainer_name} and has "
+                          "no effect", stacklevel=4)
 
 
 def refuse_rejected_training_arguments(cfg, trainer_name: str) -> None:

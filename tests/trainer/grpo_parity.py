@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 from tests.trainer.tiny import EOS, make_tokenizer, tiny_classifier, tiny_policy
+from tests.trainer.trl_parity import history_mismatches
+from tests.trainer.trl_parity import state_gap as weight_gap  # noqa: F401 - the tests compare weights with it
 
 V = 32
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,6 +134,10 @@ CASES = {
     "multi-step": Case("multi-step", dict(per_device_train_batch_size=4, gradient_accumulation_steps=2,
                                           num_iterations=2, loss_type="dr_grpo", beta=0.05, delta=1.5,
                                           mask_truncated_completions=True, learning_rate=3e-2), steps=4),
+    # a generation per micro-batch (steps_per_generation 1 < gradient_accumulation_steps 2): dapo's normaliser per
+    # generation, two generations per optimizer step
+    "generation-per-micro-batch": Case("generation-per-micro-batch", dict(
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=1, beta=0.02)),
 }
 
 
@@ -250,27 +256,7 @@ NOT_COMPARED = {"step_time"}  # a timing
 
 
 def metric_mismatches(trl_history: list[dict], ours_history: list[dict]) -> list[str]:
-    bad = []
-    for i, (t, o) in enumerate(zip(trl_history, ours_history)):
-        for key, want in t.items():
-            if key in NOT_COMPARED:
-                continue
-            if key not in o:
-                bad.append(f"step {i + 1}: {key} missing")
-                continue
-            if want is None or o[key] is None:
-                if want is not o[key]:
-                    bad.append(f"step {i + 1}: {key} TRL {want} ours {o[key]}")
-                continue
-            if abs(float(o[key]) - float(want)) > METRIC_ATOL + METRIC_RTOL * abs(float(want)):
-                bad.append(f"step {i + 1}: {key} TRL {float(want):.8g} ours {float(o[key]):.8g}")
-    return bad
-
-
-def weight_gap(a: dict, b: dict) -> float:
-    """Largest relative difference (max |a - b| / max |a| per tensor)."""
-    assert a.keys() == b.keys(), set(a) ^ set(b)
-    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
+    return history_mismatches(trl_history, ours_history, NOT_COMPARED, rtol=METRIC_RTOL, atol=METRIC_ATOL)
 
 
 def run_ours_loss(name: str) -> dict:

@@ -22,6 +22,7 @@ from rlhf_fast.trainer.grpo_config import (
 )
 from rlhf_fast.trainer.ppo_config import REJECTED_TRAINING_ARGUMENTS, SCRIPT_TRAINING_ARGUMENTS
 from tests.trainer.test_grpo_trainer import V, config, rows, share_t5, trainer
+from tests.trainer.test_ppo_config_fields import count_calls as spy
 from tests.trainer.tiny import make_tokenizer, tiny_policy
 
 
@@ -37,18 +38,6 @@ def trained(tmp_path, reward=share_t5, **kw):
 
 def logs(tr) -> list[dict]:
     return [h for h in tr.state.log_history if "train_runtime" not in h]
-
-
-def spy(monkeypatch, obj, name):
-    calls = []
-    orig = getattr(obj, name)
-
-    def wrapper(*a, **k):
-        calls.append((a, k))
-        return orig(*a, **k)
-
-    monkeypatch.setattr(obj, name, wrapper)
-    return calls
 
 
 def varied(prompts, completions, completion_ids, **kw):
@@ -208,10 +197,10 @@ def test_max_nonfinite_steps(tmp_path, monkeypatch):
 def test_distributed_strategy(tmp_path, monkeypatch):
     """Under torchrun the shared wrapper receives it (tests/trainer/test_distributed.py runs the strategies)."""
     seen = []
-    from rlhf_fast.trainer import distributed, ppo
+    from rlhf_fast.trainer import distributed
 
-    monkeypatch.setattr(ppo, "rank_and_world_size", lambda: (0, 2))
-    monkeypatch.setattr(ppo, "limit_threads_per_rank", lambda n: None)
+    monkeypatch.setattr(distributed, "rank_and_world_size", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "limit_threads_per_rank", lambda n: None)
     monkeypatch.setattr(distributed, "wrap_model", lambda model, args, device: seen.append(args.distributed_strategy)
                         or model)
     trainer(tmp_path, distributed_strategy="ddp", per_device_train_batch_size=4)
@@ -399,6 +388,12 @@ def _category(name: str) -> str:
         cats.append("warned")
     assert len(cats) == 1, f"{name}: categories {cats}"
     return cats[0]
+
+
+def test_defaults_warn_nothing(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GRPOConfig(output_dir=str(tmp_path), use_cpu=True)
 
 
 def test_every_field_has_one_category_and_the_honoured_ones_a_test():

@@ -1,14 +1,12 @@
 """TRL's GRPO quickstart shape (examples/trl_grpo_script.py) runs with only its import line changed, and logs
 the metric names trl 1.16 logs when it runs the unchanged script (in its cached environment)."""
-import difflib
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
+from tests.trainer.test_trl_dropin import changed_lines, load_migrated
 from tests.utils import REPO
 
 SCRIPT = REPO / "examples" / "trl_grpo_script.py"
@@ -19,28 +17,13 @@ ARGS = ["--vocab_size", "64", "--num_prompts", "16", "--use_cpu", "--bf16", "Fal
         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True", "--learning_rate", "1e-3"]
 
 
-def migrated_source() -> str:
-    src = SCRIPT.read_text()
-    line = f"\n{TRL_IMPORT}  #"
-    assert src.count(line) == 1
-    return src.replace(line, f"\n{OUR_IMPORT}  #")
-
-
 def test_only_the_import_line_changes():
-    old, new = SCRIPT.read_text().splitlines(), migrated_source().splitlines()
-    changed = [line for line in difflib.unified_diff(old, new, lineterm="", n=0)
-               if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
-    assert changed == [f"-{TRL_IMPORT}  # the one line a migration changes",
-                       f"+{OUR_IMPORT}  # the one line a migration changes"]
+    assert changed_lines(SCRIPT, TRL_IMPORT, OUR_IMPORT) == [f"-{TRL_IMPORT}  # the one line a migration changes",
+                                                             f"+{OUR_IMPORT}  # the one line a migration changes"]
 
 
 def run_migrated(tmp_path):
-    path = tmp_path / "grpo_script_rlhf_fast.py"
-    path.write_text(migrated_source())
-    spec = importlib.util.spec_from_file_location("grpo_script_rlhf_fast", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = load_migrated(tmp_path, "grpo_script_rlhf_fast", SCRIPT, TRL_IMPORT, OUR_IMPORT)
     return mod.main(["--model_dir", str(tmp_path / "model"), "--output_dir", str(tmp_path / "ours"), *ARGS])
 
 

@@ -270,23 +270,36 @@ NOT_COMPARED = {"eps"}  # episodes per second: a timing
 
 def metric_mismatches(trl: Result, ours: Result, steps: int, scale: dict | None = None) -> list[str]:
     """Every metric TRL logged in the first ``steps`` steps that ours does not reproduce (ours x scale[key])."""
+    return history_mismatches(trl.history[:steps], ours.history[:steps], NOT_COMPARED, scale)
+
+
+def history_mismatches(trl_history: list[dict], ours_history: list[dict], skip=(), scale: dict | None = None,
+                       rtol: float = METRIC_RTOL, atol: float = METRIC_ATOL) -> list[str]:
+    """Every value TRL logged (keys not in ``skip``) that ours does not reproduce, step by step (None: both)."""
     bad = []
-    for i in range(steps):
-        t, o = trl.history[i], ours.history[i]
+    for i, (t, o) in enumerate(zip(trl_history, ours_history)):
         for key, want in t.items():
-            if key in NOT_COMPARED:
+            if key in skip:
                 continue
             if key not in o:
                 bad.append(f"step {i + 1}: {key} missing")
                 continue
+            if want is None or o[key] is None:
+                if want is not o[key]:
+                    bad.append(f"step {i + 1}: {key} TRL {want} ours {o[key]}")
+                continue
             got = float(o[key]) * (scale or {}).get(key, 1.0)
-            if abs(got - float(want)) > METRIC_ATOL + METRIC_RTOL * abs(float(want)):
+            if abs(got - float(want)) > atol + rtol * abs(float(want)):
                 bad.append(f"step {i + 1}: {key} TRL {float(want):.8g} ours {got:.8g}")
     return bad
 
 
 def weight_gap(trl: Result, ours: Result, step: int) -> float:
-    """Largest relative difference (max |a - b| / max |a| per tensor) after PPO step ``step`` (1-based)."""
-    a, b = trl.weights[step - 1], ours.weights[step - 1]
-    assert a.keys() == b.keys()
+    """Largest relative difference (``state_gap``) after PPO step ``step`` (1-based)."""
+    return state_gap(trl.weights[step - 1], ours.weights[step - 1])
+
+
+def state_gap(a: dict, b: dict) -> float:
+    """Largest relative difference between two state dicts: max over tensors of max |a - b| / max |a|."""
+    assert a.keys() == b.keys(), set(a) ^ set(b)
     return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
