@@ -5,7 +5,9 @@ however many ranks torchrun starts; rank 0 writes the weights and the logged met
 """
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +24,8 @@ def varied(prompts, completions, completion_ids, **kw):
 
 
 def main(out: str) -> None:
+    if "RANK" in os.environ:  # a hung collective dumps every thread's stack and exits instead of waiting forever
+        faulthandler.dump_traceback_later(180, exit=True)
     init_from_env()
     rank, world = rank_and_world_size()
     args = GRPOConfig(output_dir=str(Path(out) / "run"), use_cpu=True, bf16=False, per_device_train_batch_size=16 // world,
@@ -32,7 +36,8 @@ def main(out: str) -> None:
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in tr.policy_model.state_dict().items()}, Path(out) / "weights.pt")
         (Path(out) / "history.json").write_text(json.dumps([h for h in tr.state.log_history if "loss" in h]))
-    if world > 1:
+    if world > 1:  # teardown together: a rank destroying its group while another still works can hang (gloo)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

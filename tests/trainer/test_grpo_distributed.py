@@ -28,7 +28,7 @@ def run(out, nproc):
         env.pop("TRITON_INTERPRET", None)
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                                "-m", "tests.trainer._grpo_dist_worker", str(out)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out / "weights.pt"), json.loads((out / "history.json").read_text())
 
