@@ -150,7 +150,7 @@ class GRPOTrainer(PPOTrainer):
         self.kl_ctl = KLController("fixed", args.beta)
         self.spec = grpo_step.loss_spec(args)
         self.sample_generations_freq = 0
-        self._micro, self._round, self._buffer = 0, 0, None
+        self._micro, self._buffer = 0, None
         self._metrics: dict[str, list] = defaultdict(list)
         self._pending_metrics: dict[str, list] = defaultdict(list)
         self._pending_extra: dict[str, list] = defaultdict(list)
@@ -305,11 +305,11 @@ class GRPOTrainer(PPOTrainer):
         return logs
 
     # ------------------------------------------------------------------ generation
-    def _sample(self, indices: torch.Tensor) -> dict:
-        """Generate and score the completions of this rank's prompts ``indices`` (groups of num_generations)."""
+    def _sample(self, indices: torch.Tensor, round_index: int) -> dict:
+        """Generate and score the completions of this rank's prompts ``indices`` (groups of num_generations),
+        sampling with the seeds of (prompt, generation, ``round_index``)."""
         a = self.args
-        rows_idx, seeds = group_indices(indices, a.num_generations, a.seed, self._round)
-        self._round += 1
+        rows_idx, seeds = group_indices(indices, a.num_generations, a.seed, round_index)
         rows = [self.train_dataset[int(i)] for i in rows_idx]
         prompts = [r["prompt"] for r in rows]
         ids, pmask = left_pad([self._tokens(int(i)) for i in rows_idx], self.pad_token_id, self.device)
@@ -350,7 +350,8 @@ class GRPOTrainer(PPOTrainer):
         weights, _ = self._weights_and_names()
         kept, spare, rounds = [], [], 0
         while True:
-            part = self._sample(self.sampler.next_batch()[0])
+            # the micro-step (restored on resume) and the dynamic-sampling round make each draw's seeds new
+            part = self._sample(self.sampler.next_batch()[0], self._micro * a.dynamic_sampling_max_rounds + rounds)
             rounds += 1
             if not a.dynamic_sampling:
                 return part
@@ -398,7 +399,7 @@ class GRPOTrainer(PPOTrainer):
 
     def _shuffle(self, n: int) -> torch.Tensor:
         """The row order of a generation batch before it is split into micro-batches (TRL shuffles it)."""
-        g = torch.Generator().manual_seed(self.args.seed * 7919 + self._round)
+        g = torch.Generator().manual_seed(self.args.seed * 7919 + self._micro)
         return torch.randperm(n, generator=g)
 
     def _generation_metrics(self, part, rewards_all, total_all, std_zero, adv_all, truncated, names) -> None:

@@ -197,17 +197,30 @@ def test_overlong_penalty_joins_the_reward(tmp_path):
     assert log["rewards/overlong_penalty/mean"] < 0 and log["reward"] == pytest.approx(log["rewards/overlong_penalty/mean"])
 
 
-def test_save_and_resume(tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_save_and_resume_is_bit_identical(tmp_path):
+    """Stopped after step 2 of 3 and resumed from its checkpoint, a run ends on the weights and logs of the run
+    that went straight through (sampler position, optimizer, schedule and sampling seeds are restored)."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
 
-    tr = trainer(tmp_path, save_strategy="steps", save_steps=1, max_steps=2)
-    tr.train()
-    tr.save_model()
+    from tests.trainer.test_grpo_fields import weights
+
+    class StopAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step >= 2
+
+    straight = trainer(tmp_path, max_steps=3, output_dir=str(tmp_path / "straight"))
+    straight.train()
+    first = trainer(tmp_path, max_steps=3, save_strategy="steps", save_steps=1)
+    first.add_callback(StopAt2())
+    first.train()
+    first.save_model()
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert torch.equal(saved.get_output_embeddings().weight, tr.policy_model.get_output_embeddings().weight.detach())
-    again = trainer(tmp_path, save_strategy="no", max_steps=3)
+    assert torch.equal(saved.get_output_embeddings().weight, first.policy_model.get_output_embeddings().weight.detach())
+    again = trainer(tmp_path, max_steps=3)
     again.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
-    assert again.state.global_step == 3 and len([h for h in again.state.log_history if "loss" in h]) == 3
+    assert again.state.global_step == 3 and torch.equal(weights(again), weights(straight))
+    steps = [h for h in again.state.log_history if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2, 3] and steps[-1]["reward"] == straight.state.log_history[2]["reward"]
 
 
 def test_unsupported_constructor_arguments_are_refused(tmp_path):
