@@ -27,6 +27,8 @@ __all__ += ["ModelOutput", "PolicyValueModel", "make_reward"]
 _LAZY = {
     "PPOConfig": "rlhf_fast.trainer",
     "PPOTrainer": "rlhf_fast.trainer",
+    "GRPOConfig": "rlhf_fast.trainer",
+    "GRPOTrainer": "rlhf_fast.trainer",
     "SFTConfig": "rlhf_fast.stages.sft",
     "train_sft": "rlhf_fast.stages.sft",
     "RewardConfig": "rlhf_fast.stages.reward",

@@ -71,11 +71,13 @@ def check_context(seqs: list[list[int]], response_length: int, model_config) -> 
 class PromptSampler:
     """Deterministic shuffled batches of prompt indices, sharded by rank, resumable.
 
-    Epoch e uses the permutation of a generator seeded with (seed, e); the global batch of
-    ``batch_size`` indices is split into world_size contiguous shards. state_dict() = (epoch, position).
+    Epoch e uses the permutation of a generator seeded with (seed, e) (the dataset order with
+    ``shuffle=False``); the global batch of ``batch_size`` indices is split into world_size contiguous shards.
+    state_dict() = (epoch, position).
     """
 
-    def __init__(self, num_prompts: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_prompts: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
         if batch_size > num_prompts:
             raise ValueError(
                 f"the global batch ({batch_size} prompts = per_device_train_batch_size x gradient_accumulation_steps "
@@ -83,10 +85,13 @@ class PromptSampler:
             )
         self.n, self.batch_size, self.seed = num_prompts, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.shuffle = shuffle
         self.epoch, self.position = 0, 0
         self._perm = self._permutation(0)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=g)
 

@@ -71,7 +71,7 @@ def run_fingerprint(trainer) -> dict:
         "critic": trainer.critic_mode,
         "reference": trainer.reference_mode,
         "reference_checksum": _tensor_checksum(ref_params) if ref_params else None,
-        "batch_size": a.batch_size,
+        "batch_size": getattr(a, "generation_batch_size", None) or a.batch_size,  # GRPOConfig / PPOConfig
         "num_prompts": len(trainer.prompts),
         "seed": a.seed,
         "trainable_parameters": sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad),

@@ -116,10 +116,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def should_log(args, state, episodes_per_epoch: int) -> bool:
+def should_log(args, state, epoch_per_step: float) -> bool:
     """Whether step ``state.global_step`` logs, by TrainingArguments' logging_strategy ("steps": every
-    logging_steps, "epoch": when a pass over the prompts completes, "no"), logging_first_step, and always
-    the last step. (TRL 1.12's PPO loop logs every step, whatever these say.)"""
+    logging_steps, "epoch": when a pass over the prompts completes, each step covering ``epoch_per_step`` of
+    one, "no"), logging_first_step, and always the last step. (TRL 1.12's PPO loop logs every step, whatever
+    these say.)"""
     strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
     step = state.global_step
     if strategy == "no":
@@ -127,7 +128,7 @@ def should_log(args, state, episodes_per_epoch: int) -> bool:
     if step >= state.max_steps or (step == 1 and args.logging_first_step):
         return True
     if strategy == "epoch":
-        return int(state.epoch) > int(state.epoch - args.batch_size / episodes_per_epoch)
+        return int(state.epoch) > int(state.epoch - epoch_per_step)
     return step % max(state.logging_steps, 1) == 0
 
 

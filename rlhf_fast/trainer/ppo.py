@@ -33,25 +33,22 @@ from rlhf_fast.trainer.batching import (
     left_pad,
     prompt_token_lists,
 )
-from rlhf_fast.trainer.controllers import KLController, RunningMoments
+from rlhf_fast.trainer.controllers import KLController
 from rlhf_fast.trainer.distributed import (
     all_reduce_sum,
-    init_from_env,
-    limit_threads_per_rank,
-    rank_and_world_size,
 )
 from rlhf_fast.trainer.logging import MetricsLogger, should_log, step_metrics
-from rlhf_fast.trainer.optim import autocast_ctx, build_adamw, build_hf_scheduler
+from rlhf_fast.trainer.optim import autocast_ctx
 from rlhf_fast.trainer.ppo_config import PPOConfig
 from rlhf_fast.trainer.ppo_step import Advantages, RolloutForward
 from rlhf_fast.trainer.rollout import Rollout, prompt_seeds
 from rlhf_fast.trainer.setup import (
     build_policy_value,
     build_reward,
-    has_active_dropout,
-    new_trainer_state,
     plan_batches,
     resolve_stop_token,
+    setup_runtime,
+    setup_training,
 )
 from rlhf_fast.trainer.signals import StopSignal
 from rlhf_fast.trainer.trainer_api import TrainerAPI
@@ -79,24 +76,11 @@ class PPOTrainer(TrainerAPI):
     def __init__(self, args: PPOConfig, processing_class, model=None, ref_model=None, reward_model=None,
                  train_dataset=None, value_model=None, data_collator=None, eval_dataset=None,
                  optimizers=(None, None), callbacks=None, peft_config=None):
-        from transformers import set_seed
-
         if not isinstance(args, PPOConfig):
             raise TypeError(f"args must be a rlhf_fast PPOConfig, got {type(args).__name__}")
         if ref_model is not None and ref_model is model:
             raise ValueError("model and ref_model cannot be the same object: pass a copy, or None")
-        self.args = args
-        set_seed(args.seed)
-        # Launched by torchrun, the trainer joins the process group (if TrainingArguments' device set-up has not
-        # already), as TRL's accelerate does, with ddp_timeout.
-        init_from_env(args.ddp_backend, timeout=args.ddp_timeout)
-        self.rank, self.world_size = rank_and_world_size()
-        self.is_main = self.rank == 0
-        # Whitening statistics and token counts are global: reduce over every rank.
-        self.group = torch.distributed.group.WORLD if self.world_size > 1 else None
-        self.device = torch.device("cpu") if args.use_cpu or not torch.cuda.is_available() else args.device
-        if self.world_size > 1:
-            limit_threads_per_rank(self.world_size)
+        setup_runtime(self, args)
 
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required")
@@ -123,42 +107,12 @@ class PPOTrainer(TrainerAPI):
         self.prompts_per_step, self.sample_generations_freq = plan_batches(args, self.world_size, len(self.prompts))
         data_seed = args.seed if args.data_seed is None else args.data_seed
         self.sampler = PromptSampler(len(self.prompts), self.prompts_per_step, data_seed, self.rank, self.world_size)
-
-        # ---- distributed wrapping (FSDP2 replaces parameters: before the optimizer sees them)
-        self.optimizer, self.lr_scheduler = optimizers
-        if self.optimizer is not None and self.world_size > 1 and args.distributed_strategy == "fsdp2":
-            raise ValueError("with distributed_strategy='fsdp2' the optimizer must be built after sharding: "
-                             "pass optimizers=(None, None) or (None, scheduler_factory)")
-        self.ddp_model = self._wrap_distributed()
-
-        # ---- optimizer, scheduler, KL control
-        if self.optimizer is None:
-            self.optimizer = build_adamw(self.model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                         fused_allowed=str(getattr(args.optim, "value", args.optim)) == "adamw_torch_fused"
-                                         and not (self.world_size > 1 and args.distributed_strategy == "fsdp2"))
-        if self.lr_scheduler is None:
-            self.lr_scheduler = build_hf_scheduler(
-                self.optimizer, args.lr_scheduler_type, total_steps=args.num_total_batches,
-                warmup_steps=args.warmup_steps, warmup_ratio=getattr(args, "warmup_ratio", None),
-                scheduler_kwargs=args.lr_scheduler_kwargs)
+        setup_training(self, optimizers, callbacks, total_steps=args.num_total_batches,
+                            num_train_epochs=args.total_episodes / (len(self.prompts) * args.num_generations))
         self.kl_ctl = KLController(args.kl_controller, args.kl_coef, args.kl_target, args.kl_horizon)
-        self.score_moments = RunningMoments()
-
-        # ---- callbacks, state, logging
-        from transformers import TrainerControl
-        from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
-
-        self.state = new_trainer_state(args, len(self.prompts), self.is_main)
-        self.control = TrainerControl()
-        self.callback_handler = CallbackHandler([DefaultFlowCallback] + list(callbacks or []), self.model,
-                                                self.tokenizer, self.optimizer, self.lr_scheduler)
-        self.logger: MetricsLogger | None = None
-        self.nonfinite_steps = 0
         # When the first update is one micro-batch of the whole batch, its forward doubles as the rollout
         # forward (see _first_update_reuses_rollout_forward); False always runs the separate no-grad pass.
         self.reuse_rollout_forward = True
-        self._dropout_free = not has_active_dropout(self.model)
         self._completions_rows: list[dict] = []
 
     # ------------------------------------------------------------------ setup helpers
@@ -183,7 +137,12 @@ class PPOTrainer(TrainerAPI):
     def get_train_dataloader(self):
         return self.sampler
 
-    def train(self, resume_from_checkpoint: bool | str | None = None) -> None:
+    _progress_name = "PPO"
+
+    def _progress_postfix(self, metrics: dict) -> dict:
+        return {"score": f"{metrics['objective/scores']:.3f}", "kl": f"{metrics['objective/kl']:.3f}"}
+
+    def train(self, resume_from_checkpoint: bool | str | None = None):
         """Run ``args.num_total_batches`` PPO steps (resuming from a checkpoint when asked)."""
         from tqdm.auto import tqdm
 
@@ -197,12 +156,12 @@ class PPOTrainer(TrainerAPI):
         self.control = self.callback_handler.on_train_begin(a, self.state, self.control)
         self._start_time = time.time()
         self._episodes_at_start = self.state.episode
-        bar = tqdm(total=a.num_total_batches, initial=self.state.global_step, desc="PPO",
+        bar = tqdm(total=self.state.max_steps, initial=self.state.global_step, desc=self._progress_name,
                    disable=a.disable_tqdm or not self.is_main, dynamic_ncols=True)
         self._stop = StopSignal(announce=self.is_main)
         restore = self._stop.install()
         try:
-            while self.state.global_step < a.num_total_batches:
+            while self.state.global_step < self.state.max_steps:
                 if self._stop.requested():
                     self._stop_gracefully()
                     break
@@ -210,7 +169,7 @@ class PPOTrainer(TrainerAPI):
                 metrics = self.step()
                 bar.update(1)
                 if metrics is not None:
-                    bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+                    bar.set_postfix(self._progress_postfix(metrics))
                 self.control = self.callback_handler.on_step_end(a, self.state, self.control)
                 if self.control.should_save:
                     self._save_checkpoint()
@@ -228,7 +187,13 @@ class PPOTrainer(TrainerAPI):
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)
         if self.control.should_save:
             self._save_checkpoint()
+        out = self._train_summary()
         self.logger.close()
+        return out
+
+    def _train_summary(self):
+        """What ``train`` returns (TRL 1.12's PPOTrainer: nothing); GRPOTrainer logs and returns Trainer's."""
+        return None
 
     # ------------------------------------------------------------------ SIGTERM / Ctrl-C
     def _stop_gracefully(self) -> None:
@@ -338,7 +303,7 @@ class PPOTrainer(TrainerAPI):
             "tokens_per_second": n_tokens / max(t_upd - t0, 1e-9), "skipped_updates": skipped,
         })
         self.lr_scheduler.step()
-        if should_log(self.args, self.state, len(self.prompts) * self.args.num_generations):
+        if should_log(self.args, self.state, a.batch_size / (len(self.prompts) * a.num_generations)):
             self.log(metrics)
         self._last_rollout = rollout
         return metrics

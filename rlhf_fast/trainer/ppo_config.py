@@ -245,28 +245,7 @@ class PPOConfig(TrainingArguments):
         self._check_estimator()
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.optim not in SUPPORTED_OPTIMIZERS and str(getattr(self.optim, "value", self.optim)) not in SUPPORTED_OPTIMIZERS:
-            raise ValueError(f"optim={self.optim!r} is not supported; use one of {sorted(SUPPORTED_OPTIMIZERS)}")
-        for name in sorted(REJECTED_TRAINING_ARGUMENTS):  # before transformers acts on them (imports, globals)
-            value = getattr(self, name, None)
-            if value not in (None, False, "", [], {}):
-                why = ("tf32 changes matmul precision process-wide" if name == "tf32" else
-                       "use torchrun with distributed_strategy='ddp' | 'fsdp2' instead")
-                raise ValueError(f"PPOConfig.{name}={value!r} is not supported by rlhf_fast's PPOTrainer ({why})")
-        decide_checkpointing = self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", None) is None
-        with warnings.catch_warnings():
-            # A TRL script's explicit gradient_checkpointing trips transformers 5's rename warning.
-            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
-            super().__post_init__()
-        if decide_checkpointing:  # transformers turns "unset" into False; None means "decide from memory" here
-            self.gradient_checkpointing = None
-            if hasattr(self, "activation_checkpointing"):
-                self.activation_checkpointing = None
-        for name, value in self.unsupported_settings().items():
-            if name in REJECTED_TRAINING_ARGUMENTS:
-                continue
-            warnings.warn(f"PPOConfig.{name}={value!r} is not used by rlhf_fast's PPOTrainer and has no effect",
-                          stacklevel=2)
+        finish_post_init(self, "PPOTrainer")
 
     @property
     def resolved_position_rules(self) -> str:
@@ -345,22 +324,61 @@ class PPOConfig(TrainingArguments):
 
     def unsupported_settings(self) -> dict:
         """TrainingArguments fields set to a non-default value that this trainer does not read."""
-        own = {f.name for f in dataclasses.fields(PPOConfig)} - {f.name for f in dataclasses.fields(TrainingArguments)}
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    for f in dataclasses.fields(TrainingArguments)
-                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-        out = {}
-        for f in dataclasses.fields(TrainingArguments):
-            if (f.name in HONOURED_TRAINING_ARGUMENTS or f.name in SCRIPT_TRAINING_ARGUMENTS or f.name in own
-                    or f.name.startswith("_")):
-                continue
-            if f.name not in defaults or not f.init:
-                continue
-            value = getattr(self, f.name, defaults[f.name])
-            if f.name == "accelerator_config" and value is not None and value == type(value)():
-                continue  # transformers normalises the default None into a default AcceleratorConfig
-            if value != defaults[f.name] and value not in (None, [], {}, ""):
-                out[f.name] = value
+        out = unused_training_arguments(self, PPOConfig, HONOURED_TRAINING_ARGUMENTS | SCRIPT_TRAINING_ARGUMENTS)
         out.update({name: getattr(self, name) for name, default in UNUSED_TRL_FIELDS.items()
                     if getattr(self, name) != default})
         return out
+
+
+def unused_training_arguments(cfg, config_class, read: set[str]) -> dict:
+    """TrainingArguments fields of ``cfg`` set to a non-default value that are neither in ``read`` nor
+    redefined by ``config_class`` (a TrainingArguments subclass): {name: value}."""
+    own = {f.name for f in dataclasses.fields(config_class)} - {f.name for f in dataclasses.fields(TrainingArguments)}
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainingArguments)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    out = {}
+    for f in dataclasses.fields(TrainingArguments):
+        if f.name in read or f.name in own or f.name.startswith("_"):
+            continue
+        if f.name not in defaults or not f.init:
+            continue
+        value = getattr(cfg, f.name, defaults[f.name])
+        if f.name == "accelerator_config" and value is not None and value == type(value)():
+            continue  # transformers normalises the default None into a default AcceleratorConfig
+        if value != defaults[f.name] and value not in (None, [], {}, ""):
+            out[f.name] = value
+    return out
+
+
+def finish_post_init(cfg, trainer_name: str) -> None:
+    """The end of PPOConfig's and GRPOConfig's ``__post_init__``: the optimizer check and the refused fields
+    (before transformers acts on them: imports, globals), TrainingArguments' own post-init keeping an unset
+    gradient_checkpointing None ("decide from memory"), then a warning naming each field set but unused."""
+    if cfg.optim not in SUPPORTED_OPTIMIZERS and str(getattr(cfg.optim, "value", cfg.optim)) not in SUPPORTED_OPTIMIZERS:
+        raise ValueError(f"optim={cfg.optim!r} is not supported; use one of {sorted(SUPPORTED_OPTIMIZERS)}")
+    refuse_rejected_training_arguments(cfg, trainer_name)
+    decide_checkpointing = cfg.gradient_checkpointing is None and getattr(cfg, "activation_checkpointing", None) is None
+    with warnings.catch_warnings():
+        # A TRL script's explicit gradient_checkpointing trips transformers 5's rename warning.
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
+        TrainingArguments.__post_init__(cfg)
+    if decide_checkpointing:  # transformers turns "unset" into False; None means "decide from memory" here
+        cfg.gradient_checkpointing = None
+        if hasattr(cfg, "activation_checkpointing"):
+            cfg.activation_checkpointing = None
+    for name, value in cfg.unsupported_settings().items():
+        if name not in REJECTED_TRAINING_ARGUMENTS:
+            warnings.warn(f"{type(cfg).__name__}.{name}={value!r} is not used by rlhf_fast's {trainer_name} and has "
+                          "no effect", stacklevel=4)
+
+
+def refuse_rejected_training_arguments(cfg, trainer_name: str) -> None:
+    """ValueError for a REJECTED_TRAINING_ARGUMENTS field set on ``cfg`` (before transformers acts on it)."""
+    for name in sorted(REJECTED_TRAINING_ARGUMENTS):
+        value = getattr(cfg, name, None)
+        if value not in (None, False, "", [], {}):
+            why = ("tf32 changes matmul precision process-wide" if name == "tf32" else
+                   "use torchrun with distributed_strategy='ddp' | 'fsdp2' instead")
+            raise ValueError(f"{type(cfg).__name__}.{name}={value!r} is not supported by rlhf_fast's {trainer_name} "
+                             f"({why})")

@@ -71,8 +71,10 @@ class Advantages(NamedTuple):
 # =============================================================================== 1. rollout
 def generate_rollout(model: PolicyValueModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
                      response_length: int, temperature: float, pad_token_id: int, stop_token_ids=(),
-                     seeds: torch.Tensor | None = None, chunk_size: int = 64, inference_mode: bool = True) -> Rollout:
-    """Sample responses for left-padded prompts int64 [B, P] in chunks of ``chunk_size`` rows.
+                     seeds: torch.Tensor | None = None, chunk_size: int = 64, inference_mode: bool = True,
+                     top_k: int = 0, top_p: float = 1.0) -> Rollout:
+    """Sample responses for left-padded prompts int64 [B, P] in chunks of ``chunk_size`` rows (top_k / top_p:
+    HF's warpers, off at 0 / 1.0).
 
     Returns one Rollout: query_responses int64 [B, P + R], responses int64 [B, R], response_mask bool
     [B, R] (R = the longest valid response, at least 1), contains_stop bool [B], context_length P."""
@@ -81,7 +83,8 @@ def generate_rollout(model: PolicyValueModel, prompt_ids: torch.Tensor, prompt_m
         sl = slice(s, s + chunk_size)
         parts.append(generate(model.policy, prompt_ids[sl], prompt_mask[sl], response_length,
                               pad_token_id=pad_token_id, temperature=temperature, stop_token_ids=stop_token_ids,
-                              seeds=None if seeds is None else seeds[sl], trim=False, inference_mode=inference_mode))
+                              seeds=None if seeds is None else seeds[sl], trim=False, inference_mode=inference_mode,
+                              top_k=top_k, top_p=top_p))
     R = max(int(p.response_mask.sum(1).max()) if p.response_mask.numel() else 0 for p in parts)
     R = max(R, 1)
     responses = torch.cat([p.responses[:, :R] for p in parts])

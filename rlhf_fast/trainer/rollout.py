@@ -62,16 +62,40 @@ def counter_uniforms(seeds: torch.Tensor, n_steps: int) -> torch.Tensor:
     return _splitmix_uniform(seeds.unsqueeze(1), steps.unsqueeze(0))
 
 
-def sample_from_logits(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor | None) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """HF's TopK then TopP logits warpers (transformers' order and tie rules): top_k > 0 keeps the k largest
+    logits of each row (ties with the k-th kept), top_p < 1 keeps the smallest set of most probable tokens whose
+    probability reaches top_p (at least one); the rest become -inf. logits [B, V] float; returned unchanged
+    when both are off (top_k 0 or >= V, top_p 1)."""
+    V = logits.shape[-1]
+    if top_k and 0 < top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= 1 - top_p
+        remove[..., -1:] = False  # keep at least the most probable token
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor | None,
+                       top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Sample one token per row by inverse CDF. logits: [B, V] (any float dtype); uniforms: [B] in [0, 1).
 
-    temperature == 0 (or uniforms None) is greedy argmax. Costs one softmax, one cumsum and one
-    binary search per row: no [B, V] random tensor (torch.multinomial's cost on CPU).
+    temperature == 0 (or uniforms None) is greedy argmax. top_k / top_p filter the temperature-scaled logits
+    first (``filter_logits``: HF generate's warpers, in its order). Costs one softmax, one cumsum and one
+    binary search per row: no [B, V] random tensor (torch.multinomial's cost on CPU); a filtered-out token
+    has probability 0, so its CDF step is empty and the search never lands on it.
     Returns int64 [B].
     """
     if temperature == 0 or uniforms is None:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float() / temperature
+    if top_k or top_p < 1.0:
+        scaled = filter_logits(scaled, top_k, top_p)
+    probs = torch.softmax(scaled, dim=-1)
     cdf = probs.cumsum_(-1)
     # Scale by the row total so rounding in the cumsum can never push u past the end.
     target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1].double()).float().unsqueeze(-1)
@@ -119,6 +143,8 @@ def generate(
     trim: bool = True,
     inference_mode: bool = True,
     fast_decode: bool | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> Rollout:
     """Sample responses for left-padded prompts with the model's KV cache.
 
@@ -132,11 +158,11 @@ def generate(
     decoder when ``supports_fast_decode(model, P + max_new_tokens)``, else the model's own forward;
     False forces the model's forward; True requires the lean decoder (ValueError naming the reason
     when the model is not supported). Both paths consume the same uniforms, so they sample the same
-    tokens wherever their logits agree.
+    tokens wherever their logits agree. top_k / top_p: HF's warpers (``filter_logits``); 0 / 1.0 are off.
     """
     with torch.inference_mode() if inference_mode else torch.no_grad():
         return _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, temperature,
-                         stop_token_ids, seeds, trim, fast_decode)
+                         stop_token_ids, seeds, trim, fast_decode, top_k, top_p)
 
 
 def _use_fast_decode(model, fast_decode: bool | None, total_length: int) -> bool:
@@ -149,7 +175,7 @@ def _use_fast_decode(model, fast_decode: bool | None, total_length: int) -> bool
 
 
 def _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, temperature, stop_token_ids,
-              seeds, trim, fast_decode=None) -> Rollout:
+              seeds, trim, fast_decode=None, top_k=0, top_p=1.0) -> Rollout:
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens (response_length) must be > 0, got {max_new_tokens}")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
@@ -179,7 +205,7 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, te
     steps = 0
     for t in range(max_new_tokens):
         u = uniforms[:, t] if uniforms is not None else None
-        tok = sample_from_logits(logits, temperature, u)
+        tok = sample_from_logits(logits, temperature, u, top_k, top_p)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         responses[:, t] = tok
         steps = t + 1

@@ -1,5 +1,6 @@
-"""PPOTrainer's construction-time decisions as functions: the policy-value layout, the reward adapter,
-and TRL's batch arithmetic. Each returns what it decided; the trainer only stores it."""
+"""The trainers' construction-time decisions as functions: the policy-value layout, the reward adapter,
+TRL's batch arithmetic, and the runtime / optimizer / state set-up PPOTrainer and GRPOTrainer share. Each
+returns what it decided (the last two set it on the trainer)."""
 from __future__ import annotations
 
 import math
@@ -14,7 +15,8 @@ from rlhf_fast.models import PolicyValueModel, make_reward
 
 __all__ = ["ModelLayout", "build_policy_value", "build_reward", "decide_gradient_checkpointing", "load_classifier",
            "reference_dtype",
-           "BatchPlan", "plan_batches", "new_trainer_state", "resolve_stop_token", "has_active_dropout"]
+           "BatchPlan", "plan_batches", "new_trainer_state", "resolve_stop_token", "has_active_dropout",
+           "setup_runtime", "setup_training"]
 
 
 class ModelLayout(NamedTuple):
@@ -192,16 +194,17 @@ def plan_batches(args, world_size: int, num_prompts: int) -> BatchPlan:
     return BatchPlan(a.batch_size // a.num_generations, freq)
 
 
-def new_trainer_state(args, num_prompts: int, is_main: bool):
-    """A transformers TrainerState for a fresh run, with TRL's OnlineTrainerState ``episode`` and the step
-    counts (logging/save steps given as a ratio < 1 become a share of max_steps, as in TRL)."""
+def new_trainer_state(args, max_steps: int, num_train_epochs: float, is_main: bool):
+    """A transformers TrainerState for a fresh run of ``max_steps`` steps, with TRL's OnlineTrainerState
+    ``episode`` and the step counts (logging/save steps given as a ratio < 1 become a share of max_steps,
+    as in TRL)."""
     from transformers import TrainerState
 
     state = TrainerState()
     state.episode = 0
     state.is_local_process_zero = state.is_world_process_zero = is_main
-    state.max_steps = args.num_total_batches
-    state.num_train_epochs = args.total_episodes / (num_prompts * args.num_generations)
+    state.max_steps = max_steps
+    state.num_train_epochs = num_train_epochs
     state.logging_steps = math.ceil(args.logging_steps * state.max_steps) if args.logging_steps < 1 \
         else int(args.logging_steps)
     state.save_steps = math.ceil(args.save_steps * state.max_steps) if args.save_steps < 1 else int(args.save_steps)
@@ -223,3 +226,57 @@ def has_active_dropout(model: nn.Module) -> bool:
     """Whether any module would drop activations in train mode (then a forward cannot stand in for another)."""
     return any((isinstance(m, nn.Dropout) and m.p > 0) or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0
                for m in model.modules())
+
+
+# =============================================================================== trainer construction (PPO and GRPO)
+def setup_runtime(trainer, args) -> None:
+    """Seed, join the process group under torchrun (as TRL's accelerate does, with ddp_timeout), and set the
+    trainer's args, rank, world size, reduction group (token counts and statistics are global) and device."""
+    from transformers import set_seed
+
+    from rlhf_fast.trainer.distributed import init_from_env, limit_threads_per_rank, rank_and_world_size
+
+    trainer.args = args
+    set_seed(args.seed)
+    init_from_env(args.ddp_backend, timeout=args.ddp_timeout)
+    trainer.rank, trainer.world_size = rank_and_world_size()
+    trainer.is_main = trainer.rank == 0
+    trainer.group = torch.distributed.group.WORLD if trainer.world_size > 1 else None
+    trainer.device = torch.device("cpu") if args.use_cpu or not torch.cuda.is_available() else args.device
+    if trainer.world_size > 1:
+        limit_threads_per_rank(trainer.world_size)
+
+
+def setup_training(trainer, optimizers, callbacks, *, total_steps: int, num_train_epochs: float) -> None:
+    """After ``trainer.model``: distributed wrapping, the optimizer and LR schedule over ``total_steps`` (unless
+    ``optimizers`` gives them), the trainer state, callbacks and the non-finite counters."""
+    from transformers import TrainerControl
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+
+    from rlhf_fast.trainer.controllers import RunningMoments
+    from rlhf_fast.trainer.optim import build_adamw, build_hf_scheduler
+
+    args = trainer.args
+    trainer.optimizer, trainer.lr_scheduler = optimizers
+    fsdp = trainer.world_size > 1 and args.distributed_strategy == "fsdp2"
+    if trainer.optimizer is not None and fsdp:
+        raise ValueError("with distributed_strategy='fsdp2' the optimizer must be built after sharding: "
+                         "pass optimizers=(None, None) or (None, scheduler_factory)")
+    trainer.ddp_model = trainer._wrap_distributed()  # FSDP2 replaces parameters: before the optimizer sees them
+    if trainer.optimizer is None:
+        trainer.optimizer = build_adamw(
+            trainer.model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+            fused_allowed=str(getattr(args.optim, "value", args.optim)) == "adamw_torch_fused" and not fsdp)
+    if trainer.lr_scheduler is None:
+        trainer.lr_scheduler = build_hf_scheduler(
+            trainer.optimizer, args.lr_scheduler_type, total_steps=total_steps, warmup_steps=args.warmup_steps,
+            warmup_ratio=getattr(args, "warmup_ratio", None), scheduler_kwargs=args.lr_scheduler_kwargs)
+    trainer.score_moments = RunningMoments()
+    trainer.state = new_trainer_state(args, total_steps, num_train_epochs, trainer.is_main)
+    trainer.control = TrainerControl()
+    trainer.callback_handler = CallbackHandler([DefaultFlowCallback] + list(callbacks or []), trainer.model,
+                                               trainer.tokenizer, trainer.optimizer, trainer.lr_scheduler)
+    trainer.logger = None
+    trainer.nonfinite_steps = 0
+    trainer._dropout_free = not has_active_dropout(trainer.model)

@@ -69,6 +69,8 @@ class TrainerAPI:
     Expects ``self.args``, ``self.tokenizer``, ``self.model`` (PolicyValueModel), ``self.device``,
     ``self.callback_handler``, ``self.is_main`` and ``save_model``."""
 
+    _card_method = "PPO (rlhf_fast's drop-in PPOTrainer for TRL 1.12)"
+
     @property
     def processing_class(self):
         return self.tokenizer
@@ -126,7 +128,7 @@ class TrainerAPI:
                                  run_as_future=not blocking)
 
     def _write_model_card(self, out: str, repo_id: str, **kwargs) -> None:
-        lines = [f"# {repo_id.split('/')[-1]}", "", "Trained with PPO (rlhf_fast's drop-in PPOTrainer for TRL 1.12).", ""]
+        lines = [f"# {repo_id.split('/')[-1]}", "", f"Trained with {self._card_method}.", ""]
         lines += [f"- {k}: {v}" for k, v in sorted(kwargs.items()) if v is not None]
         lines += [f"- steps: {self.state.global_step}", f"- episodes: {getattr(self.state, 'episode', 0)}"]
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,44 @@ def test_bad_arguments_name_the_problem(tiny_llama):
         generate(tiny_llama, ids, torch.ones(2, 5), 3, pad_token_id=0)
 
 
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.7), (5, 0.5), (1, 1.0), (0, 1e-9), (100, 1.0)])
+def test_top_k_top_p_filter_as_hf_warpers(top_k, top_p):
+    """The tokens left by filter_logits are those HF generate's TopK then TopP warpers leave (ties included)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from rlhf_fast.trainer.rollout import filter_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 40)
+    logits[0, :4] = 2.0  # a tie at the k-th value
+    ref = logits.clone()
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1.0:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    ours = filter_logits(logits, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref)) and torch.equal(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+
+
+def test_top_k_top_p_sampling_distribution():
+    """Chi-square of inverse-CDF samples after top_k=3 (then top_p=0.9) against the renormalised kept mass;
+    filtered tokens never come out (critical values at p=0.001: 13.8 with 2 degrees of freedom, 16.3 with 3)."""
+    logits = torch.tensor([2.0, 0.5, -1.0, 0.0, 1.0, -3.0])
+    n = 60_000
+    for top_k, top_p, kept in [(3, 1.0, [0, 4, 1]), (0, 0.9, [0, 4, 1, 3])]:
+        out = sample_from_logits(logits.expand(n, -1), 1.0, counter_uniform(torch.arange(n), 0), top_k=top_k, top_p=top_p)
+        counts = torch.bincount(out, minlength=6).double()
+        assert set(torch.nonzero(counts).flatten().tolist()) == set(kept)
+        probs = torch.softmax(logits[kept], -1).double()
+        assert _chi2_stat(counts[kept], probs) < {2: 13.8, 3: 16.3}[len(kept) - 1]
+
+
+def test_generate_passes_top_k(tiny_llama):
+    """top_k=1 samples the argmax whatever the seed: greedy decoding's tokens."""
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    mask = torch.ones_like(ids)
+    greedy = generate(tiny_llama, ids, mask, 5, pad_token_id=0, temperature=1.0, seeds=None)
+    top1 = generate(tiny_llama, ids, mask, 5, pad_token_id=0, temperature=1.0, seeds=torch.tensor([1, 2]), top_k=1)
+    assert torch.equal(greedy.responses, top1.responses)

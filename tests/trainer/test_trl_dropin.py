@@ -13,28 +13,38 @@ TRL_IMPORT = "from trl.experimental.ppo import PPOConfig, PPOTrainer"
 OUR_IMPORT = "from rlhf_fast import PPOConfig, PPOTrainer"
 
 
-def migrated_source() -> str:
-    src = SCRIPT.read_text()
-    line = f"\n{TRL_IMPORT}  #"
+def migrated_source(script=SCRIPT, trl_import=TRL_IMPORT, our_import=OUR_IMPORT) -> str:
+    """The script's source with its one TRL import line replaced by ours."""
+    src = script.read_text()
+    line = f"\n{trl_import}  #"
     assert src.count(line) == 1
-    return src.replace(line, f"\n{OUR_IMPORT}  #")
+    return src.replace(line, f"\n{our_import}  #")
 
 
-def test_only_the_import_line_changes():
-    old, new = SCRIPT.read_text().splitlines(), migrated_source().splitlines()
-    changed = [line for line in difflib.unified_diff(old, new, lineterm="", n=0)
-               if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
-    assert changed == [f"-{TRL_IMPORT}  # the one line a migration changes",
-                       f"+{OUR_IMPORT}  # the one line a migration changes"]
+def changed_lines(script=SCRIPT, trl_import=TRL_IMPORT, our_import=OUR_IMPORT) -> list[str]:
+    old, new = script.read_text().splitlines(), migrated_source(script, trl_import, our_import).splitlines()
+    return [line for line in difflib.unified_diff(old, new, lineterm="", n=0)
+            if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
 
 
-def test_migrated_script_trains_saves_and_samples(tmp_path):
-    path = tmp_path / "ppo_script_rlhf_fast.py"
-    path.write_text(migrated_source())
-    spec = importlib.util.spec_from_file_location("ppo_script_rlhf_fast", path)
+def load_migrated(tmp_path, name: str, script=SCRIPT, trl_import=TRL_IMPORT, our_import=OUR_IMPORT):
+    """The migrated script imported as a module (its main() not yet called)."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(migrated_source(script, trl_import, our_import))
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_only_the_import_line_changes():
+    assert changed_lines() == [f"-{TRL_IMPORT}  # the one line a migration changes",
+                               f"+{OUR_IMPORT}  # the one line a migration changes"]
+
+
+def test_migrated_script_trains_saves_and_samples(tmp_path):
+    mod = load_migrated(tmp_path, "ppo_script_rlhf_fast")
     out = tmp_path / "out"
     trainer = mod.main([
         "--model_dir", str(tmp_path / "models"), "--vocab_size", "64", "--num_prompts", "24",

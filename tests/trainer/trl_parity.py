@@ -273,18 +273,27 @@ NOT_COMPARED = {"eps"}  # episodes per second: a timing
 
 def metric_mismatches(trl: Result, ours: Result, steps: int, scale: dict | None = None) -> list[str]:
     """Every metric TRL logged in the first ``steps`` steps that ours does not reproduce (ours x scale[key])."""
+    return history_mismatches(trl.history[:steps], ours.history[:steps], NOT_COMPARED, scale)
+
+
+def history_mismatches(trl_history: list[dict], ours_history: list[dict], skip=(), scale: dict | None = None,
+                       rtol: float = METRIC_RTOL, atol: float = METRIC_ATOL) -> list[str]:
+    """Every value TRL logged (keys not in ``skip``) that ours does not reproduce, step by step (None: both)."""
     bad = []
-    for i in range(steps):
-        t, o = trl.history[i], ours.history[i]
+    for i, (t, o) in enumerate(zip(trl_history, ours_history)):
         for key, want in t.items():
-            if key in NOT_COMPARED:
+            if key in skip:
                 continue
             if key not in o:
                 bad.append(f"step {i + 1}: {key} missing")
                 continue
+            if want is None or o[key] is None:
+                if want is not o[key]:
+                    bad.append(f"step {i + 1}: {key} TRL {want} ours {o[key]}")
+                continue
             got = float(o[key]) * (scale or {}).get(key, 1.0)
-            atol = METRIC_ATOL + (1e-6 if key in SIGNED_SUMS else 0.0)
-            if abs(got - float(want)) > atol + METRIC_RTOL * abs(float(want)):
+            atol_k = atol + (1e-6 if key in SIGNED_SUMS else 0.0)
+            if abs(got - float(want)) > atol_k + rtol * abs(float(want)):
                 bad.append(f"step {i + 1}: {key} TRL {float(want):.8g} ours {got:.8g}")
     return bad
 
@@ -311,3 +320,9 @@ def weight_gap(trl: Result, ours: Result, step: int) -> float:
             continue
         gaps.append(float((a[k] - b[k]).abs().max()) / max(float(a[k].abs().max()), 100 * lr, 1e-12))
     return max(gaps)
+
+
+def state_gap(a: dict, b: dict) -> float:
+    """Largest relative difference between two state dicts: max over tensors of max |a - b| / max |a|."""
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
