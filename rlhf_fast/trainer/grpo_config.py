@@ -310,4 +310,7 @@ class GRPOConfig(TrainingArguments):
             per_device_train_batch_size=self.per_device_train_batch_size, response_length=self.max_completion_length,
             bf16=self.bf16, fp16=self.fp16, local_rollout_forward_batch_size=self.per_device_train_batch_size,
             distributed_strategy=self.distributed_strategy, model_adapter_name=None, ref_adapter_name=None,
-            temperature=self.temperature)
+            temperature=self.temperature,
+            # Parity with TRL 1.16 was proven on padded forwards and HF's modules; the fused backbone and
+            # packed forwards are PPOConfig options not yet offered (and parity-tested) for GRPO.
+            fused_backbone=False, padding_free=False)
