@@ -211,6 +211,7 @@ class PolicyValueModel(nn.Module):
         model_adapter_name: str | None = None,
         ref_adapter_name: str | None = None,
         fused_backbone: bool = False,
+        reference_model: nn.Module | None = None,
     ):
         super().__init__()
         if reference not in REFERENCE_MODES:
@@ -262,8 +263,18 @@ class PolicyValueModel(nn.Module):
         self.vf_coef = float(vf_coef)
         self.temperature = float(temperature)
 
-        # The frozen copy is taken before LoRA or checkpointing touch the model.
-        self.reference = FrozenReference(base, reference_dtype, reference_offload) if reference == "frozen" else None
+        # The frozen copy is taken before LoRA or checkpointing touch the model. A reference_model given
+        # (TRL's ref_model) is used in place: the caller holds it anyway, so a copy would double its bytes.
+        if reference_model is not None and reference != "frozen":
+            raise ValueError(f"reference_model is only used with reference='frozen', got reference={reference!r}")
+        if reference_model is not None:
+            if fused_backbone:
+                patch_backbone(reference_model)
+            self.reference = FrozenReference(reference_model, reference_dtype, reference_offload, copy_model=False)
+        elif reference == "frozen":
+            self.reference = FrozenReference(base, reference_dtype, reference_offload)
+        else:
+            self.reference = None
 
         H = base.config.get_text_config().hidden_size
         device = get_lm_head(base).weight.device

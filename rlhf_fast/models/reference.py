@@ -1,7 +1,8 @@
 """The frozen reference policy: a low-precision copy of the initial policy, optionally parked on the CPU.
 
 ``FrozenReference(model, dtype=torch.bfloat16, offload=True)`` deep-copies a causal LM, casts it
-(bf16/fp16 by default, fp32 on request), freezes it, and with ``offload`` keeps its parameters in host
+(bf16/fp16 by default, fp32 on request), freezes it (``copy=False`` takes a model nobody trains, such as
+the ``ref_model`` a TRL script passes, in place: no second copy of its weights), and with ``offload`` keeps its parameters in host
 memory between uses: ``offload()`` moves every parameter's storage to the CPU (pinned when CUDA is
 available) and leaves an empty tensor on the compute device, ``onload(device)`` brings it back. The
 reference is deliberately not an ``nn.Module`` child of the policy-value model, so ``model.to(...)``,
@@ -22,10 +23,12 @@ _REFERENCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class FrozenReference:
     """A frozen copy of a causal LM. ``backbone`` / ``lm_head`` as in ``rlhf_fast.models.loading``."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, offload: bool = False):
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, offload: bool = False,
+                 copy_model: bool = True):
         if dtype not in _REFERENCE_DTYPES:
             raise ValueError(f"reference_dtype must be one of float32/bfloat16/float16, got {dtype}")
-        self.model = copy.deepcopy(model).to(dtype).eval()
+        # In place (copy_model=False) the caller's module is cast and frozen: it must not be trained elsewhere.
+        self.model = (copy.deepcopy(model) if copy_model else model).to(dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.backbone = get_backbone(self.model)

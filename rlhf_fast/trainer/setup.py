@@ -87,6 +87,13 @@ def build_policy_value(args, model, ref_model, value_model, peft_config, tokeniz
     checkpointing = decide_gradient_checkpointing(args, model, critic=critic, reference=reference,
                                                   prompt_len=prompt_len, device=device, world_size=world_size,
                                                   note=note)
+    reference_model = None
+    if ref_model is not None and reference == "frozen":
+        from rlhf_fast.models import load_causal_lm
+
+        # TRL's ref_model is used in place (cast to the reference dtype, frozen): the script holds it anyway,
+        # so a copy would double its bytes (PPOTrainer refuses the policy object itself as ref_model).
+        reference_model = load_causal_lm(ref_model)
     pv = PolicyValueModel(
         model, reference=reference, critic=critic,
         critic_model=load_classifier(value_model) if critic == "separate" else None,
@@ -94,18 +101,9 @@ def build_policy_value(args, model, ref_model, value_model, peft_config, tokeniz
         lora_config=peft_config, reference_dtype=ref_dtype, reference_offload=args.reference_offload,
         gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
         tokenizer=tokenizer, model_adapter_name=args.model_adapter_name, ref_adapter_name=args.ref_adapter_name,
-        fused_backbone=args.fused_backbone,
+        fused_backbone=args.fused_backbone, reference_model=reference_model,
         temperature=max(args.temperature, 1e-7),
     )
-    if ref_model is not None and reference == "frozen":
-        from rlhf_fast.models import FrozenReference, load_causal_lm
-
-        ref = load_causal_lm(ref_model)
-        if args.fused_backbone:
-            from rlhf_fast.models import patch_backbone
-
-            patch_backbone(ref)
-        pv.reference = FrozenReference(ref, ref_dtype, args.reference_offload)
     if pv.patch_report is not None and not pv.patch_report.patched:
         note(f"fused_backbone: {pv.patch_report}")
     if args.padding_free:

@@ -101,7 +101,9 @@ def test_value_model_becomes_separate_critic_and_ref_model_the_reference(tmp_pat
     tr = PPOTrainer(config(tmp_path), make_tokenizer(V), tiny_policy(V), ref, count_token_reward(),
                     prompt_rows(24, V), value_model=value_model)
     assert tr.critic_mode == "separate" and tr.model.critic_backbone is not None
-    # the reference is the ref_model we passed (seed 7 weights), not a copy of the policy
+    # the reference is the ref_model we passed (seed 7 weights), not a copy of the policy, and used in place:
+    # the script holds it anyway, so a copy would double the reference's bytes
+    assert tr.model.reference.model is ref and not any(p.requires_grad for p in ref.parameters())
     ref_w = tr.model.reference.model.get_output_embeddings().weight
     assert torch.allclose(ref_w.float(), ref.get_output_embeddings().weight.float())
     assert not torch.allclose(ref_w.float(), tr.model.lm_head.weight.float())
