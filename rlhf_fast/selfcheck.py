@@ -457,6 +457,62 @@ def ppo_step_0p5b(device: str, steps: int = 3, config=None, lengths: tuple[int, 
     return checks
 
 
+def check_graphed_decode(device: str, mode: str = "reduce-overhead", config=None, batch: int = 8,
+                         prompt_len: int = 64, steps: int = 64) -> Check:
+    """The lean decoder's per-token step, eager against compiled (``mode``: CUDA graphs by default) on a random
+    0.5B-width Qwen2 (or ``config``), bf16 on CUDA: the logits of every step agree to the dtype's tolerance
+    (the verdict), and the time per token each way (reported, never judged)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_fast.models.decode import LeanDecoder, compiled_decode_step
+
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = config or _tiny_config(hidden_size=896, intermediate_size=4864, num_hidden_layers=12,
+                                 num_attention_heads=14, num_key_value_heads=2, vocab_size=32000)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(1, cfg.vocab_size, (batch, prompt_len), device=device)
+    mask = torch.ones_like(ids)
+    tokens = torch.randint(1, cfg.vocab_size, (steps, batch), device=device)
+    compiled_step = compiled_decode_step(mode)
+
+    def run(compiled: bool, record: bool):
+        out = []
+        dec = LeanDecoder(model, steps + 1, static_cache=compiled)
+        dec.prefill(ids, mask)
+        column = torch.tensor(prompt_len, device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            if compiled:
+                if mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = compiled_step(dec, tokens[i], column)
+                column += 1
+            else:
+                logits = dec.step(tokens[i])
+            if record:
+                out.append(logits.float().clone())
+        if cuda:
+            torch.cuda.synchronize()
+        return out, (time.perf_counter() - t0) * 1e3 / steps
+
+    with torch.inference_mode():
+        graphed, _ = run(True, True)  # compiles (and records the CUDA graphs)
+        eager, _ = run(False, True)
+        _, eager_ms = run(False, False)
+        _, graphed_ms = run(True, False)
+    scale = max(float(e.abs().max()) for e in eager)
+    err = max(_max_err(g, e) for g, e in zip(graphed, eager))
+    tol = (5e-2 if dtype == torch.bfloat16 else 1e-4) * max(scale, 1.0)
+    return Check("decode", f"lean decoder step: eager vs {mode} (B={batch}, {steps} tokens)", err <= tol,
+                 {"max_err": err, "tolerance": tol, "eager_ms_per_token": eager_ms,
+                  "compiled_ms_per_token": graphed_ms, "speedup": eager_ms / max(graphed_ms, 1e-9)})
+
+
 # ----------------------------------------------------------------------------- environment
 def environment(device: str) -> dict:
     import torch
@@ -548,6 +604,8 @@ def run_selfcheck(quick: bool = False, device: str | None = None, log=print) -> 
     if cuda:
         add(gpu_op_checks(device, "cuda-quick" if quick else "cuda", peaks))
     guarded("packing", "packed == padded", lambda: check_packing(device))
+    if cuda:
+        guarded("decode", "lean decoder: eager vs CUDA graphs", lambda: check_graphed_decode(device))
     if not quick:
         guarded("ppo_step", "PPO step 0.5B-width", lambda: ppo_step_0p5b(device))
     report = {"ok": all(c.ok for c in checks), "quick": quick, "device": device, "extension": ext_status,

@@ -74,6 +74,19 @@ def test_memory_mismatch_fails_the_ppo_step(monkeypatch):
     assert any(n.startswith("PPO step") and c.detail["tokens_per_s"] > 0 for n, c in checks.items())
 
 
+def test_graphed_decode_check_runs_the_compiled_step_and_catches_a_wrong_one(monkeypatch):
+    """The CUDA section's decode check on CPU with aot_eager (CUDA graphs need a GPU): it passes on the real
+    step, fails when the compiled step gives other logits, and reports both timings."""
+    cfg = selfcheck._tiny_config()
+    check = selfcheck.check_graphed_decode("cpu", "aot_eager", config=cfg, batch=3, prompt_len=5, steps=4)
+    assert check.ok and check.detail["max_err"] <= check.detail["tolerance"], check.detail
+    assert check.detail["eager_ms_per_token"] > 0 and check.detail["compiled_ms_per_token"] > 0
+    from rlhf_fast.models import decode
+
+    monkeypatch.setattr(decode, "compiled_decode_step", lambda mode: lambda dec, tok, t: dec.step(tok) + 1.0)
+    assert not selfcheck.check_graphed_decode("cpu", "aot_eager", config=cfg, batch=3, prompt_len=5, steps=4).ok
+
+
 @pytest.mark.interpret
 def test_cuda_branch_under_the_interpreter():
     peaks: dict = {}

@@ -198,9 +198,13 @@ class LeanDecoder:
     tokens needs R - 1 steps).
     """
 
-    def __init__(self, model, max_new_tokens: int, *, validate: bool = True):
+    def __init__(self, model, max_new_tokens: int, *, validate: bool = True, static_cache: bool = False):
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        # static_cache: for step_static under torch.compile / CUDA graphs. The cache width is rounded up to
+        # a multiple of STATIC_CACHE_QUANTUM (so prompts of different widths share one graph: step_static
+        # masks the columns after t) and the tensors step_static mutates get static addresses.
+        self.static_cache = bool(static_cache)
         # validate=False: the caller has just checked supports_fast_decode(model, P + max_new_tokens).
         # (Checked in prefill, where P is known: whether a sliding window is active depends on it.)
         self.validate = validate
@@ -250,8 +254,9 @@ class LeanDecoder:
                              f"and {tuple(attention_mask.shape)}")
         B, P = input_ids.shape
         device = input_ids.device
-        L = P + self.max_new_tokens
-        if self.validate:
+        L = self.capacity = P + self.max_new_tokens
+        if self.static_cache:
+            L = -(-L // STATIC_CACHE_QUANTUM) * STATIC_CACHE_QUANTUM
             reason = fast_decode_unsupported_reason(self.model, L)
             if reason is not None:
                 raise ValueError(f"LeanDecoder cannot run this model: {reason}")
@@ -302,6 +307,9 @@ class LeanDecoder:
             h = h + F.linear(a.transpose(1, 2).reshape(B, P, nh * D), o_proj.weight, o_proj.bias)
             h = h + self._mlp(_rms_norm(h, ln2), gate, up, down)
         self.length = P
+        if self.static_cache:
+            for buf in (*self.k_cache, *self.v_cache, self.next_pos):
+                torch._dynamo.mark_static_address(buf)
         return self._logits(h[:, -1])
 
     # ------------------------------------------------------------------ one token
@@ -310,7 +318,7 @@ class LeanDecoder:
         t = self.length
         if not self.k_cache:
             raise ValueError("LeanDecoder.step before prefill")
-        if t >= self.key_mask.shape[1]:
+        if t >= self.capacity:
             raise ValueError(f"LeanDecoder cache is full ({t} columns): built for max_new_tokens={self.max_new_tokens}")
         B = tokens.shape[0]
         D, nh, nkv, group = self.head_dim, self.n_heads, self.n_kv, self.group
@@ -343,7 +351,7 @@ class LeanDecoder:
         with fixed frequencies (``self.rope_table``); gives the logits ``step`` gives."""
         B, L = tokens.shape[0], self.key_mask.shape[1]
         D, nh, nkv, group = self.head_dim, self.n_heads, self.n_kv, self.group
-        cos_t, sin_t = self.rope_table
+        cos_t, sin_t = self.rope_table  # None for position-dependent rope: see compiled_decode_step
         cos, sin_s = cos_t[self.next_pos].unsqueeze(1), sin_t[self.next_pos].unsqueeze(1)  # [B, 1, D]
         self.next_pos.add_(1)
         cols = torch.arange(L, device=tokens.device)
@@ -376,6 +384,33 @@ class LeanDecoder:
             logits = torch.mm(w, x.t()).t().contiguous()
             return logits + bias if bias is not None else logits
         return F.linear(x, w, bias)
+
+
+STATIC_CACHE_QUANTUM = 64
+DECODE_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "aot_eager")
+_COMPILED_STEPS: dict[str, object] = {}
+
+
+def _static_step(decoder: LeanDecoder, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return decoder.step_static(tokens, t)
+
+
+def compiled_decode_step(mode: str):
+    """``LeanDecoder.step_static`` under ``torch.compile(fullgraph=True, dynamic=False)``: ``fn(decoder, tokens,
+    t) -> logits [B, V]``, one compiled function per mode and process, so later rollouts reuse its graphs
+    (a new graph per batch size and cache width, the width rounded to STATIC_CACHE_QUANTUM columns).
+
+    mode: torch.compile's "default", "reduce-overhead" (CUDA graphs on CUDA: the per-token launch overhead
+    goes; the caller marks each step with ``torch.compiler.cudagraph_mark_step_begin()``), "max-autotune";
+    or "aot_eager" (traces the graph and runs it without code generation: proves the step compiles, no
+    speed-up). Needs a decoder built with ``static_cache=True`` over a fixed-frequency rope."""
+    if mode not in DECODE_COMPILE_MODES:
+        raise ValueError(f"decode_compile must be one of {DECODE_COMPILE_MODES} or None, got {mode!r}")
+    fn = _COMPILED_STEPS.get(mode)
+    if fn is None:
+        kw = {"backend": "aot_eager"} if mode == "aot_eager" else {"mode": mode}
+        fn = _COMPILED_STEPS[mode] = torch.compile(_static_step, fullgraph=True, dynamic=False, **kw)
+    return fn
 
 
 # Few rows against a large fp32 head on CPU: MKL streams the [V, H] weight about twice as slowly for

@@ -255,7 +255,7 @@ class PPOTrainer(TrainerAPI):
             rollout = ppo_step.generate_rollout(
                 self.model, prompt_ids, prompt_mask, response_length=a.response_length, temperature=a.temperature,
                 pad_token_id=self.pad_token_id, stop_token_ids=self._stop_ids(), seeds=seeds,
-                chunk_size=a.local_rollout_forward_batch_size, inference_mode=not fsdp)
+                chunk_size=a.local_rollout_forward_batch_size, inference_mode=not fsdp, decode_compile=a.decode_compile)
         t_gen = time.perf_counter()
         # 3. Score: reward model or callable on each row's tokens under the position rules, EOS penalty,
         #    running normalisation, clipping.

@@ -185,6 +185,14 @@ class PPOConfig(TrainingArguments):
         metadata={"help": "Run every training and scoring forward on packed rows of the valid tokens (attention per "
                           "sequence); False runs padded batches. Same numbers up to float rounding."},
     )
+    decode_compile: str | None = field(
+        default=None,
+        metadata={"help": "Compile the lean decoder's per-token step: 'reduce-overhead' (CUDA graphs: on a GPU the "
+                          "per-token kernel launches go), 'default', 'max-autotune', or 'aot_eager' (traces without "
+                          "code generation: checks the step compiles). None steps eagerly. Same samples up to float "
+                          "rounding; the first rollouts pay the compile (one graph per batch size and 64-column "
+                          "cache width)."},
+    )
     clip_grad_norm: bool = field(
         default=False, metadata={"help": "Clip the gradient norm at max_grad_norm before each optimizer step. TRL 1.12's "
                                          "PPO loop never clips, whatever max_grad_norm says."},
@@ -242,6 +250,10 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"kl_clamp must be > 0 or None, got {self.kl_clamp}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+        from rlhf_fast.models.decode import DECODE_COMPILE_MODES
+
+        if self.decode_compile is not None and self.decode_compile not in DECODE_COMPILE_MODES:
+            raise ValueError(f"decode_compile must be one of {DECODE_COMPILE_MODES} or None, got {self.decode_compile!r}")
         self._check_estimator()
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")

@@ -72,9 +72,9 @@ class Advantages(NamedTuple):
 def generate_rollout(model: PolicyValueModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
                      response_length: int, temperature: float, pad_token_id: int, stop_token_ids=(),
                      seeds: torch.Tensor | None = None, chunk_size: int = 64, inference_mode: bool = True,
-                     top_k: int = 0, top_p: float = 1.0) -> Rollout:
+                     top_k: int = 0, top_p: float = 1.0, decode_compile: str | None = None) -> Rollout:
     """Sample responses for left-padded prompts int64 [B, P] in chunks of ``chunk_size`` rows (top_k / top_p:
-    HF's warpers, off at 0 / 1.0).
+    HF's warpers, off at 0 / 1.0; decode_compile: see ``rollout.generate``).
 
     Returns one Rollout: query_responses int64 [B, P + R], responses int64 [B, R], response_mask bool
     [B, R] (R = the longest valid response, at least 1), contains_stop bool [B], context_length P."""
@@ -84,7 +84,7 @@ def generate_rollout(model: PolicyValueModel, prompt_ids: torch.Tensor, prompt_m
         parts.append(generate(model.policy, prompt_ids[sl], prompt_mask[sl], response_length,
                               pad_token_id=pad_token_id, temperature=temperature, stop_token_ids=stop_token_ids,
                               seeds=None if seeds is None else seeds[sl], trim=False, inference_mode=inference_mode,
-                              top_k=top_k, top_p=top_p))
+                              top_k=top_k, top_p=top_p, decode_compile=decode_compile))
     R = max(int(p.response_mask.sum(1).max()) if p.response_mask.numel() else 0 for p in parts)
     R = max(R, 1)
     responses = torch.cat([p.responses[:, :R] for p in parts])

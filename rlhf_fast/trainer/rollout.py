@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_fast.models.decode import LeanDecoder, fast_decode_unsupported_reason
+from rlhf_fast.models.decode import LeanDecoder, compiled_decode_step, fast_decode_unsupported_reason
 from rlhf_fast.models.loading import position_ids_from_mask
 
 _MASK64 = (1 << 64) - 1
@@ -143,6 +143,7 @@ def generate(
     trim: bool = True,
     inference_mode: bool = True,
     fast_decode: bool | None = None,
+    decode_compile: str | None = None,
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> Rollout:
@@ -159,10 +160,13 @@ def generate(
     False forces the model's forward; True requires the lean decoder (ValueError naming the reason
     when the model is not supported). Both paths consume the same uniforms, so they sample the same
     tokens wherever their logits agree. top_k / top_p: HF's warpers (``filter_logits``); 0 / 1.0 are off.
+    decode_compile: None steps the lean decoder eagerly; a ``compiled_decode_step`` mode ("reduce-overhead":
+    CUDA graphs) runs its per-token step compiled over a static cache (the same logits up to float rounding;
+    models the lean decoder cannot run, or whose rope frequencies depend on the position, step eagerly).
     """
     with torch.inference_mode() if inference_mode else torch.no_grad():
         return _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, temperature,
-                         stop_token_ids, seeds, trim, fast_decode, top_k, top_p)
+                         stop_token_ids, seeds, trim, fast_decode, top_k, top_p, decode_compile)
 
 
 def _use_fast_decode(model, fast_decode: bool | None, total_length: int) -> bool:
@@ -175,7 +179,7 @@ def _use_fast_decode(model, fast_decode: bool | None, total_length: int) -> bool
 
 
 def _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, temperature, stop_token_ids,
-              seeds, trim, fast_decode=None, top_k=0, top_p=1.0) -> Rollout:
+              seeds, trim, fast_decode=None, top_k=0, top_p=1.0, decode_compile=None) -> Rollout:
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens (response_length) must be > 0, got {max_new_tokens}")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
@@ -194,10 +198,15 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, te
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped_at = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
 
-    decoder = None
+    decoder = static_step = None
+    if decode_compile is not None:
+        static_step = compiled_decode_step(decode_compile)  # refuses an unknown mode before any work
     if _use_fast_decode(model, fast_decode, P + max_new_tokens):
-        decoder = LeanDecoder(model, max_new_tokens, validate=False)
+        decoder = LeanDecoder(model, max_new_tokens, validate=False, static_cache=static_step is not None)
         logits = decoder.prefill(ids, attention_mask)
+        if decoder.rope_table is None:
+            static_step = None  # position-dependent rope frequencies: no static table to index
+        column = torch.tensor(P, device=device)  # the cache column step_static writes next
     else:
         logits, past = _forward_last(model, ids, attention_mask, positions, None)
     next_pos = positions[:, -1:] + 1
@@ -217,6 +226,12 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, te
                 break
         if t + 1 == max_new_tokens:
             break
+        if static_step is not None:
+            if decode_compile == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+            logits = static_step(decoder, tok, column)
+            column += 1
+            continue
         if decoder is not None:
             logits = decoder.step(tok)
             continue

@@ -264,6 +264,43 @@ def test_fused_backbone(tmp_path):
     torch.testing.assert_close(_weights(fused), _weights(plain), rtol=1e-5, atol=1e-6)  # same numbers
 
 
+def test_decode_compile(tmp_path, monkeypatch):
+    """The per-token step goes through torch.compile (aot_eager here: inductor's compile takes ~45 s on
+    this CPU) and samples the same responses as the eager step."""
+    import rlhf_fast.trainer.rollout as rollout
+
+    steps, responses = [], {}
+    orig = rollout.compiled_decode_step
+
+    def spy(mode):
+        fn = orig(mode)
+
+        def counted(*a):
+            steps.append(mode)
+            return fn(*a)
+        return counted
+
+    monkeypatch.setattr(rollout, "compiled_decode_step", spy)
+    orig_generate = ppo_step.generate_rollout
+
+    def keep(*a, **k):
+        ro = orig_generate(*a, **k)
+        responses.setdefault(k["decode_compile"], []).append(ro.responses)
+        return ro
+
+    monkeypatch.setattr(ppo_step, "generate_rollout", keep)
+    compiled = _trained(tmp_path, decode_compile="aot_eager")
+    assert steps and set(steps) == {"aot_eager"}
+    steps.clear()
+    eager = _trained(tmp_path)
+    assert not steps
+    for a, b in zip(responses["aot_eager"], responses[None], strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(_weights(compiled), _weights(eager), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="decode_compile must be one of"):
+        config(tmp_path, decode_compile="fast")
+
+
 # ----------------------------------------------------------------------------- honoured PPOConfig fields
 def test_adapter_names_select_the_trained_and_the_reference_adapter(tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -387,6 +424,7 @@ HONOURED_BY_TEST = {
     "reward_norm": "test_field_walk:test_loss_fields_change_the_update",
     "micro_batch_token_budget": "test_micro_batching:test_every_split_gives_the_same_update",
     "padding_free": "test_field_walk:test_padding_free", "fused_backbone": "test_field_walk:test_fused_backbone",
+    "decode_compile": "test_field_walk:test_decode_compile",
     "position_rules": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",
     "padding_aware_metrics": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",
     "kl_clamp": "test_trl_parity:test_each_improvement_switched_on_moves_results_beyond_the_tolerance",
