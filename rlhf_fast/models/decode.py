@@ -297,8 +297,11 @@ class LeanDecoder:
             v = F.linear(x, v_proj.weight, v_proj.bias).view(B, P, nkv, D).transpose(1, 2)
             q = _rope(q, cos, sin_s)
             k = _rope(k, cos, sin_s)
-            k_cache = torch.empty(B, nkv, L, D, dtype=cache_dtype or k.dtype, device=device)
-            v_cache = torch.empty(B, nkv, L, D, dtype=cache_dtype or v.dtype, device=device)
+            # step_static reads every column (the unwritten ones masked); a masked weight times a NaN left in
+            # uninitialised memory is still NaN, so its cache starts at zeros. step reads written columns only.
+            alloc = torch.zeros if self.static_cache else torch.empty
+            k_cache = alloc(B, nkv, L, D, dtype=cache_dtype or k.dtype, device=device)
+            v_cache = alloc(B, nkv, L, D, dtype=cache_dtype or v.dtype, device=device)
             k_cache[:, :, :P] = k
             v_cache[:, :, :P] = v
             self.k_cache.append(k_cache)
@@ -347,8 +350,11 @@ class LeanDecoder:
     def step_static(self, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``step`` with static shapes, for ``torch.compile(fullgraph=True)`` and CUDA graphs: the cache
         column ``t`` is a 0-dim int64 tensor (the caller advances it: ``t += 1``), attention runs over the
-        whole static cache with columns after ``t`` masked, and nothing branches on data. Needs a rope type
+        whole static cache with columns after ``t`` masked, and nothing branches on data. Needs a decoder built
+        with ``static_cache=True`` (zero-initialised cache, static addresses). Needs a rope type
         with fixed frequencies (``self.rope_table``); gives the logits ``step`` gives."""
+        if not self.static_cache:
+            raise ValueError("step_static needs a decoder built with LeanDecoder(..., static_cache=True)")
         B, L = tokens.shape[0], self.key_mask.shape[1]
         D, nh, nkv, group = self.head_dim, self.n_heads, self.n_kv, self.group
         cos_t, sin_t = self.rope_table  # None for position-dependent rope: see compiled_decode_step

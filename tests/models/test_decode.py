@@ -341,7 +341,7 @@ def test_static_step_compiles_fullgraph_and_equals_eager_token_by_token(backend)
     model = _model("qwen2")
     ids, mask = _batch()
     steps = 5
-    eager, static = LeanDecoder(model, steps), LeanDecoder(model, steps)
+    eager, static = LeanDecoder(model, steps), LeanDecoder(model, steps, static_cache=True)
     torch._dynamo.reset()
     compiled = torch.compile(static.step_static, fullgraph=True, backend=backend, dynamic=False)
     with torch.no_grad():
