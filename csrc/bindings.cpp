@@ -377,4 +377,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("in_dtype"), py::arg("out_dtype"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("y"),
       py::arg("B"), py::arg("heads"), py::arg("T"), py::arg("D"), py::arg("x_b"), py::arg("x_h"), py::arg("x_t"),
       py::arg("y_b"), py::arg("y_h"), py::arg("y_t"), py::arg("cos_b"), py::arg("cos_t"), py::arg("backward"));
+  m.def(
+      "few_rows_linear_f32",
+      [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y, int64_t B, int64_t N, int64_t K,
+         bool portable) {
+        if (B < 0 || N < 0 || K < 0) throw std::invalid_argument("few_rows_linear: negative size");
+        if (B == 0 || N == 0) return;
+        py::gil_scoped_release release;
+        rlhf_fast::few_rows_linear_f32(as_ptr<const float>(x, "x"), as_ptr<const float>(w, "weight"),
+                                       optional_ptr<const float>(bias), as_ptr<float>(y, "y"), B, N, K, portable);
+      },
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("B"), py::arg("N"), py::arg("K"),
+      py::arg("portable") = false);
 }

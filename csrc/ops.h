@@ -111,4 +111,9 @@ struct RotaryShape {
 void rotary(int in_dtype, int out_dtype, const void* x, const float* cos, const float* sin, void* y,
             const RotaryShape& s, bool backward);
 
+// few_rows.cpp -- y [B, N] = x [B, K] @ w [N, K]^T (+ bias [N]), all float32 contiguous, for a few rows
+// (the decode step's matmuls); portable forces the scalar loop (tests), else AVX2+FMA when the CPU has it.
+void few_rows_linear_f32(const float* x, const float* w, const float* bias, float* y, int64_t B, int64_t N,
+                         int64_t K, bool portable);
+
 }  // namespace rlhf_fast

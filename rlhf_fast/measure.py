@@ -228,6 +228,7 @@ def run_timed_and_measured(target: str, device: str = "cpu", **kwargs) -> dict:
 
 
 __all__ = ["device_name", "versions", "available_bytes", "time_fn", "mark_baseline", "peak_above_baseline", "run_isolated",
+           "measure_peaks", "environment",
            "run_timed_and_measured"]
 
 
@@ -238,3 +239,56 @@ if __name__ == "__main__":
         importlib.import_module("rlhf_fast.measure")._child(sys.argv[2], json.loads(sys.argv[3]))
     else:
         sys.exit("usage: python -m rlhf_fast.measure --child module:function JSON_KWARGS (internal)")
+
+
+# ----------------------------------------------------------------------------- device facts (selfcheck)
+def measure_peaks(device: str, copy_elems: int = 2 ** 28, n: int = 8192) -> dict:
+    """Achieved device-to-device copy bandwidth (1 GiB of fp32) and bf16 matmul throughput (n^3)."""
+    import torch
+
+    a = torch.empty(copy_elems, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    t = time_fn(lambda: b.copy_(a), warmup=3, repeats=20, device=device)["time_ms"] / 1e3
+    gbs = 2 * a.nbytes / t / 1e9
+    a = b = None  # free the copy buffers before the matmul
+    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    t = time_fn(lambda: x @ x, warmup=3, repeats=20, device=device)["time_ms"] / 1e3
+    return {"GB/s": gbs, "TFLOP/s": 2 * n ** 3 / t / 1e12}
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    from rlhf_fast import _backend
+
+    env = dict(versions())
+    env.update(python=platform.python_version(), device=device_name(device), cuda=torch.version.cuda,
+               cpp_extension=_backend.HAS_EXT, triton_available=_backend.HAS_TRITON,
+               triton_interpret=_backend.TRITON_INTERPRET)
+    try:
+        import importlib.metadata as md
+
+        env["flash_attn"] = md.version("flash-attn")
+    except Exception:
+        env["flash_attn"] = None
+    for pkg in ("transformers", "liger-kernel"):
+        try:
+            import importlib.metadata as md
+
+            env[pkg] = md.version(pkg)
+        except Exception:
+            env[pkg] = None
+    if device.startswith("cuda"):
+        env["driver"] = _driver_version()
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    return env
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None

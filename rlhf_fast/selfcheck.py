@@ -19,18 +19,19 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rlhf_fast import measure  # stdlib at import; torch inside its functions
+
 __all__ = ["Check", "configure", "run", "run_op_checks", "run_selfcheck", "format_markdown", "SIZES"]
 
 MEMORY_TOLERANCE = 0.15
-# (tokens, hidden, vocab) of the fused log-prob check; rows x cols of the [B, T] ops; (rows, hidden) of
-# the backbone ops; (batch, seq, heads, head_dim) of rotary
+# (tokens, hidden, vocab) of the log-prob check; rows x cols of the [B, T] ops; (rows, hidden) of the
+# backbone ops; (batch, seq, heads, head_dim) of rotary
 SIZES = {
     "tiny": {"lp": (37, 16, 103), "bt": (3, 29), "rh": (7, 48), "rot": (2, 5, 3, 16)},
     "small": {"lp": (64, 32, 160), "bt": (4, 48), "rh": (8, 64), "rot": (2, 8, 2, 16)},
@@ -342,22 +343,6 @@ def run_op_checks(device: str, backend: str, size: str, dtypes=None, timings: bo
 
 
 # ----------------------------------------------------------------------------- peaks, packing, PPO step
-def measure_peaks(device: str, copy_elems: int = 2 ** 28, n: int = 8192) -> dict:
-    """Achieved device-to-device copy bandwidth (1 GiB of fp32) and bf16 matmul throughput (n^3)."""
-    import torch
-
-    from rlhf_fast.measure import time_fn
-
-    a = torch.empty(copy_elems, dtype=torch.float32, device=device)
-    b = torch.empty_like(a)
-    t = time_fn(lambda: b.copy_(a), warmup=3, repeats=20, device=device)["time_ms"] / 1e3
-    gbs = 2 * a.nbytes / t / 1e9
-    a = b = None  # free the copy buffers before the matmul
-    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    t = time_fn(lambda: x @ x, warmup=3, repeats=20, device=device)["time_ms"] / 1e3
-    return {"GB/s": gbs, "TFLOP/s": 2 * n ** 3 / t / 1e12}
-
-
 def _tiny_config(**over):
     from transformers import Qwen2Config
 
@@ -474,14 +459,13 @@ def check_graphed_decode(device: str, mode: str = "reduce-overhead", config=None
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype).eval()
     ids = torch.randint(1, cfg.vocab_size, (batch, prompt_len), device=device)
-    mask = torch.ones_like(ids)
     tokens = torch.randint(1, cfg.vocab_size, (steps, batch), device=device)
     compiled_step = compiled_decode_step(mode)
 
     def run(compiled: bool, record: bool):
         out = []
         dec = LeanDecoder(model, steps + 1, static_cache=compiled)
-        dec.prefill(ids, mask)
+        dec.prefill(ids, torch.ones_like(ids))
         column = torch.tensor(prompt_len, device=device)
         if cuda:
             torch.cuda.synchronize()
@@ -513,46 +497,6 @@ def check_graphed_decode(device: str, mode: str = "reduce-overhead", config=None
                   "compiled_ms_per_token": graphed_ms, "speedup": eager_ms / max(graphed_ms, 1e-9)})
 
 
-# ----------------------------------------------------------------------------- environment
-def environment(device: str) -> dict:
-    import torch
-
-    from rlhf_fast import _backend
-    from rlhf_fast.measure import device_name, versions
-
-    env = dict(versions())
-    env.update(python=platform.python_version(), device=device_name(device), cuda=torch.version.cuda,
-               cpp_extension=_backend.HAS_EXT, triton_available=_backend.HAS_TRITON,
-               triton_interpret=_backend.TRITON_INTERPRET)
-    try:
-        import importlib.metadata as md
-
-        env["flash_attn"] = md.version("flash-attn")
-    except Exception:
-        env["flash_attn"] = None
-    for pkg in ("transformers", "liger-kernel"):
-        try:
-            import importlib.metadata as md
-
-            env[pkg] = md.version(pkg)
-        except Exception:
-            env[pkg] = None
-    if device.startswith("cuda"):
-        env["driver"] = _driver_version()
-        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-    return env
-
-
-def _driver_version() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 # ----------------------------------------------------------------------------- the run
 def gpu_op_checks(device: str, size: str, peaks: dict, backend: str = "triton",
                   peak_sizes: tuple[int, int] = (2 ** 28, 8192)) -> list[Check]:
@@ -565,7 +509,7 @@ def gpu_op_checks(device: str, size: str, peaks: dict, backend: str = "triton",
     if backend == "triton" and not _backend.HAS_TRITON:
         return [Check("ops", "triton", False, {"error": _backend.TRITON_IMPORT_ERROR})]
     try:
-        peaks.update(measure_peaks(device, *peak_sizes))
+        peaks.update(measure.measure_peaks(device, *peak_sizes))
         checks = [Check("peaks", "copy bandwidth and bf16 matmul", True, dict(peaks))]
     except Exception as exc:
         checks = [Check("peaks", "copy bandwidth and bf16 matmul", False, {"error": repr(exc)[:300]})]
@@ -609,7 +553,7 @@ def run_selfcheck(quick: bool = False, device: str | None = None, log=print) -> 
     if not quick:
         guarded("ppo_step", "PPO step 0.5B-width", lambda: ppo_step_0p5b(device))
     report = {"ok": all(c.ok for c in checks), "quick": quick, "device": device, "extension": ext_status,
-              "environment": environment(device), "peaks": peaks, "seconds": time.perf_counter() - t0,
+              "environment": measure.environment(device), "peaks": peaks, "seconds": time.perf_counter() - t0,
               "checks": [c.as_dict() for c in checks]}
     return report
 

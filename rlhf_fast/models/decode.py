@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_fast import _backend
 from rlhf_fast.models.loading import position_ids_from_mask
+from rlhf_fast.ops.few_rows import few_row_linear, takes_cpp
 
 # Rope types whose frequencies depend on the positions seen (transformers' dynamic_rope_update):
 # cos/sin must come from a per-step call with the actual positions, as in the HF forward.
@@ -257,7 +259,8 @@ class LeanDecoder:
         L = self.capacity = P + self.max_new_tokens
         if self.static_cache:
             L = -(-L // STATIC_CACHE_QUANTUM) * STATIC_CACHE_QUANTUM
-            reason = fast_decode_unsupported_reason(self.model, L)
+        if self.validate:
+            reason = fast_decode_unsupported_reason(self.model, self.capacity)
             if reason is not None:
                 raise ValueError(f"LeanDecoder cannot run this model: {reason}")
         self._bind()
@@ -325,6 +328,7 @@ class LeanDecoder:
             raise ValueError(f"LeanDecoder cache is full ({t} columns): built for max_new_tokens={self.max_new_tokens}")
         B = tokens.shape[0]
         D, nh, nkv, group = self.head_dim, self.n_heads, self.n_kv, self.group
+        lin = few_row_linear  # B <= 8 rows: the C++ few-row kernel on CPU (F.linear otherwise)
         cos, sin_s = self._cos_sin(self.next_pos.unsqueeze(1))  # [B, 1, D]: broadcasts over heads
         self.next_pos += 1
         key_mask = self.key_mask[:, None, None, : t + 1]  # [B, 1, 1, t+1]
@@ -332,9 +336,9 @@ class LeanDecoder:
         h = F.embedding(tokens, self.embed_weight)  # [B, H]
         for i, (ln1, q_proj, k_proj, v_proj, o_proj, ln2, gate, up, down) in enumerate(self.layers):
             x = _rms_norm(h, ln1)
-            q = F.linear(x, q_proj.weight, q_proj.bias).view(B, nh, D)
-            k = F.linear(x, k_proj.weight, k_proj.bias).view(B, nkv, D)
-            v = F.linear(x, v_proj.weight, v_proj.bias).view(B, nkv, D)
+            q = lin(x, q_proj.weight, q_proj.bias).view(B, nh, D)
+            k = lin(x, k_proj.weight, k_proj.bias).view(B, nkv, D)
+            v = lin(x, v_proj.weight, v_proj.bias).view(B, nkv, D)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             _rope(k, cos, sin_s, out=k_cache[:, :, t])
             v_cache[:, :, t] = v
@@ -342,8 +346,8 @@ class LeanDecoder:
             q = _rope(q, cos, sin_s).view(B, nkv, group, D)
             keys, values = k_cache[:, :, : t + 1], v_cache[:, :, : t + 1]
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask, scale=self.scale)
-            h = h + F.linear(a.view(B, nh * D), o_proj.weight, o_proj.bias)
-            h = h + self._mlp(_rms_norm(h, ln2), gate, up, down)
+            h = h + lin(a.view(B, nh * D), o_proj.weight, o_proj.bias)
+            h = h + self._mlp(_rms_norm(h, ln2), gate, up, down, lin)
         self.length = t + 1
         return self._logits(h)
 
@@ -357,6 +361,7 @@ class LeanDecoder:
             raise ValueError("step_static needs a decoder built with LeanDecoder(..., static_cache=True)")
         B, L = tokens.shape[0], self.key_mask.shape[1]
         D, nh, nkv, group = self.head_dim, self.n_heads, self.n_kv, self.group
+        lin = few_row_linear
         cos_t, sin_t = self.rope_table  # None for position-dependent rope: see compiled_decode_step
         cos, sin_s = cos_t[self.next_pos].unsqueeze(1), sin_t[self.next_pos].unsqueeze(1)  # [B, 1, D]
         self.next_pos.add_(1)
@@ -366,26 +371,28 @@ class LeanDecoder:
         h = F.embedding(tokens, self.embed_weight)
         for i, (ln1, q_proj, k_proj, v_proj, o_proj, ln2, gate, up, down) in enumerate(self.layers):
             x = _rms_norm(h, ln1)
-            q = F.linear(x, q_proj.weight, q_proj.bias).view(B, nh, D)
-            k = F.linear(x, k_proj.weight, k_proj.bias).view(B, nkv, D)
-            v = F.linear(x, v_proj.weight, v_proj.bias).view(B, nkv, D)
+            q = lin(x, q_proj.weight, q_proj.bias).view(B, nh, D)
+            k = lin(x, k_proj.weight, k_proj.bias).view(B, nkv, D)
+            v = lin(x, v_proj.weight, v_proj.bias).view(B, nkv, D)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             k_cache.index_copy_(2, col, _rope(k, cos, sin_s).unsqueeze(2).to(k_cache.dtype))
             v_cache.index_copy_(2, col, v.unsqueeze(2).to(v_cache.dtype))
             q = _rope(q, cos, sin_s).view(B, nkv, group, D)
             a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=key_mask, scale=self.scale)
-            h = h + F.linear(a.view(B, nh * D), o_proj.weight, o_proj.bias)
-            h = h + self._mlp(_rms_norm(h, ln2), gate, up, down)
+            h = h + lin(a.view(B, nh * D), o_proj.weight, o_proj.bias)
+            h = h + self._mlp(_rms_norm(h, ln2), gate, up, down, lin)
         return self._logits(h)
 
     @staticmethod
-    def _mlp(x, gate, up, down):
-        g = F.silu(F.linear(x, gate.weight, gate.bias))
-        return F.linear(g * F.linear(x, up.weight, up.bias), down.weight, down.bias)
+    def _mlp(x, gate, up, down, lin=F.linear):
+        g = F.silu(lin(x, gate.weight, gate.bias))
+        return lin(g * lin(x, up.weight, up.bias), down.weight, down.bias)
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         x = _rms_norm(h_last, self.final_norm)
         w, bias = self.lm_head.weight, self.lm_head.bias
+        if _backend.HAS_EXT and takes_cpp(x, w, bias):
+            return few_row_linear(x, w, bias)
         if _head_as_weight_times_x(x, w):
             logits = torch.mm(w, x.t()).t().contiguous()
             return logits + bias if bias is not None else logits

@@ -3,6 +3,7 @@
 Callers never branch on device: every public function here picks its backend with
 rlhf_fast._backend.dispatch (or takes ``backend=`` to force one).
 """
+from rlhf_fast.ops.few_rows import few_row_linear, few_row_linear_reference
 from rlhf_fast.ops.gae import GAEOutput, gae, gae_reference
 from rlhf_fast.ops.kl import (
     KL_ESTIMATORS,
@@ -34,7 +35,7 @@ from rlhf_fast.ops.rotary import rotary, rotary_reference
 from rlhf_fast.ops.swiglu import swiglu, swiglu_recompute, swiglu_reference
 from rlhf_fast.ops.whiten import masked_whiten, masked_whiten_reference
 
-__all__ = ["masked_mean", "masked_mean_reference"]
+__all__ = ["masked_mean", "masked_mean_reference", "few_row_linear", "few_row_linear_reference"]
 __all__ += [
     "LogProbs", "fused_linear_logprobs", "fused_linear_logprobs_reference",
     "logprobs_from_logits", "logprobs_from_logits_reference",
