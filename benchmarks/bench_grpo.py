@@ -51,8 +51,8 @@ from benchmarks.common import (
     append_rows,
     make_row,
     print_table,
+    qwen2_config,
     ratio,
-    tiny_qwen2_config,
     word_tokenizer,
 )
 from rlhf_fast.measure import run_timed_and_measured
@@ -77,10 +77,7 @@ except Exception as exc:  # noqa: BLE001 - trl missing or incompatible: the side
 TRL_CURRENT = "1.16.0"
 ROOT = Path(__file__).resolve().parent.parent
 TRL_VENV = Path(__file__).resolve().parent / ".venv-trl-current"
-SHAPES = {"0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=12, num_attention_heads=14,
-                       num_key_value_heads=2),
-          "toy": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)}
+SHAPES = ("0.5b", "toy")  # benchmarks.common.SHAPES
 
 
 # ----------------------------------------------------------------------------- the shared pieces
@@ -94,11 +91,9 @@ def share_of_t5(prompts=None, completions=None, **kwargs) -> list[float]:
 
 
 def model_config(shape: str, vocab: int):
-    cfg = tiny_qwen2_config(vocab)
-    for k, v in SHAPES[shape].items():
-        setattr(cfg, k, v)
-    cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-    return cfg
+    # Built from the shape (not by editing the toy config: transformers sizes per-layer lists such as
+    # layer_types from num_hidden_layers at construction).
+    return qwen2_config(shape, vocab)
 
 
 def _models(model_dir: str, shape: str, vocab: int) -> str:
