@@ -4,6 +4,7 @@ PPO micro-step at the 0.5B width with and without ``patch_backbone``.
     python -m benchmarks.bench_backbone_ops            # quick: T=256 at the 0.5B width (smoke run)
     python -m benchmarks.bench_backbone_ops --full     # the shapes: 0.5B and 8B widths, T=2048
     python -m benchmarks.bench_backbone_ops --compile  # add torch.compile providers (~20 s a graph on CPU)
+    python -m benchmarks.bench_backbone_ops --full --micro-step-only   # the 12-layer PPO micro-step alone
 
 Per op, forward + backward of one call (time: median and 20/80 percentiles of ``rlhf_fast.measure.time_fn``)
 and the bytes autograd saves in the forward (``SavedTensorCounter``: distinct storages, inputs included,
@@ -181,6 +182,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--full", action="store_true", help="0.5B and 8B widths at T=2048, 12-layer micro-step")
     ap.add_argument("--quick", action="store_true", help="the default: T=256, 0.5B width, 2-layer micro-step")
     ap.add_argument("--compile", action="store_true", help="add torch.compile providers (always on with --full)")
+    ap.add_argument("--micro-step-only", action="store_true", help="skip the op rows (with --full: the 12-layer step)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     full = args.full and not args.quick
@@ -188,7 +190,7 @@ def main(argv=None) -> list[dict]:
     widths = list(SHAPES) if full else ["0.5B-width"]
     ops = ["rms_norm", "rms_norm+residual", "swiglu", "mlp", "rotary"]
     rows, lines = [], []
-    for width in widths:
+    for width in [] if args.micro_step_only else widths:
         for op in ops:
             res = {p: side_op(op, p, width, T, args.device, repeats=10 if full else 5)
                    for p in _providers(op, args.compile or full)}
