@@ -30,6 +30,8 @@ from rlhf_fast import measure  # stdlib at import; torch inside its functions
 __all__ = ["Check", "configure", "run", "run_op_checks", "run_selfcheck", "format_markdown", "SIZES"]
 
 MEMORY_TOLERANCE = 0.15
+WIDTH_0P5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=12, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=32000)  # the PPO step's and the graphed decode's model
 # (tokens, hidden, vocab) of the log-prob check; rows x cols of the [B, T] ops; (rows, hidden) of the
 # backbone ops; (batch, seq, heads, head_dim) of rotary
 SIZES = {
@@ -393,8 +395,7 @@ def ppo_step_0p5b(device: str, steps: int = 3, config=None, lengths: tuple[int, 
 
     cuda = device.startswith("cuda")
     dtype_name = "bf16" if cuda else "fp32"
-    cfg = config or _tiny_config(hidden_size=896, intermediate_size=4864, num_hidden_layers=12,
-                                 num_attention_heads=14, num_key_value_heads=2, vocab_size=32000)
+    cfg = config or _tiny_config(**WIDTH_0P5B)
     P, R = lengths or ((64, 448) if cuda else (8, 56))
     setup = Setup(batch=8, prompt_len=P, response_len=R, dtype=dtype_name,
                   fused_backbone=True, device="cuda" if cuda else "cpu")
@@ -454,8 +455,7 @@ def check_graphed_decode(device: str, mode: str = "reduce-overhead", config=None
 
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = config or _tiny_config(hidden_size=896, intermediate_size=4864, num_hidden_layers=12,
-                                 num_attention_heads=14, num_key_value_heads=2, vocab_size=32000)
+    cfg = config or _tiny_config(**WIDTH_0P5B)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype).eval()
     ids = torch.randint(1, cfg.vocab_size, (batch, prompt_len), device=device)
